@@ -1,0 +1,130 @@
+"""The ``blocklora`` command: thin wrappers over the library, one subcommand per pipeline step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("blocklora")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"rank\": 4}'")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from blocklora.methods import get_method, method_names
+
+    for name in method_names():
+        cls = get_method(name)
+        print(f"{name:16s} {cls.summary}")
+        if args.verbose:
+            print(f"{'':16s} defaults: {json.dumps(cls.all_defaults())}")
+    return 0
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from blocklora.data.fewshot import write_fewshot
+
+    write_fewshot(args.split, args.shots, args.seed, args.out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from blocklora.experiment import run_experiment
+
+    run_experiment(
+        method=args.method,
+        dataset=args.dataset,
+        fewshot=args.fewshot,
+        image_root=args.image_root,
+        shots=args.shots,
+        seed=args.seed,
+        backbone=args.backbone,
+        pretrained=args.pretrained,
+        hparams=args.hparams,
+        record=args.record,
+        adapter=args.adapter,
+        device=args.device,
+        suite=args.suite,
+        template=args.template,
+        module=args.module,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blocklora", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("fewshot", help="sample a few-shot subset of a split file (CoOp/Dassl protocol)")
+    p.add_argument("split", help="split file: {train, val, test} lists of [path, label, classname]")
+    p.add_argument("--shots", type=_positive_int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser("train", help="train and evaluate one (method, dataset, shots, seed)")
+    p.add_argument("--method", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--fewshot", required=True, help="few-shot file written by `blocklora fewshot`")
+    p.add_argument("--image-root", required=True, help="folder the few-shot file's paths are relative to")
+    p.add_argument("--shots", type=_positive_int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument(
+        "--backbone", required=True, help="open_clip model name, or a blocklora config (demo-tiny)"
+    )
+    p.add_argument("--pretrained", default=None, help="open_clip tag (openai), checkpoint file, or none")
+    p.add_argument(
+        "--hparams", type=_json_object, default={}, help="JSON object of hyper-parameter overrides"
+    )
+    p.add_argument("--record", required=True, help="where to write the run record (JSON)")
+    p.add_argument("--adapter", required=True, help="where to write the learned state (safetensors)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--suite", default=None)
+    p.add_argument("--template", default=None, help="prompt template overriding the dataset's")
+    p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        log.error("%s", exc)
+        if args.verbose:
+            raise
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

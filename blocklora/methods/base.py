@@ -1,0 +1,155 @@
+"""What a method is: which parameters train, and how logits are made from images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from blocklora.clip import Backbone
+from blocklora.io import read_tensors, write_tensors
+
+Entry = tuple[str, int, str]  # [relative image path, label, class name], as in CoOp split files
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "iterations_per_shot": 500,
+    "iterations": None,
+    "batch_size": 32,
+    "optimizer": "adamw",
+    "lr": 2e-4,
+    "weight_decay": 1e-2,
+    "betas": [0.9, 0.999],
+    "eps": 1e-8,
+    "momentum": 0.9,
+    "eta_min": 1e-6,
+    "warmup_iterations": 0,
+    "warmup_lr": 1e-5,
+    "precision": "auto",
+    "logit_scale": 100.0,
+    "crop_scale": [0.08, 1.0],
+    "eval_batch_size": 128,
+    "num_workers": 4,
+    "log_every": 50,
+}
+EVAL_DEFAULTS: dict[str, Any] = {
+    "precision": "auto",
+    "logit_scale": 100.0,
+    "eval_batch_size": 128,
+    "num_workers": 4,
+}
+
+
+@dataclass
+class FewShotTask:
+    """One (dataset, shots, seed): the class names, the prompt template and the three splits."""
+
+    dataset: str
+    classnames: list[str]
+    template: str
+    train: list[Entry]
+    val: list[Entry]
+    test: list[Entry]
+    image_root: Path
+    shots: int
+    seed: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def prompts(self, template: str | None = None) -> list[str]:
+        """One prompt per class; ``_`` in class names becomes a space."""
+        template = template or self.template
+        return [template.format(name.replace("_", " ")) for name in self.classnames]
+
+
+class Method:
+    """Base class of every method; a subclass registers with :func:`register_method`.
+
+    The generic loop (:func:`blocklora.train.fit`) calls :meth:`train_logits` on augmented
+    batches and optimizes :meth:`trainable_parameters`; methods that train otherwise (on cached
+    features, or not at all) override :meth:`fit`. Evaluation calls :meth:`prepare_eval` once,
+    then :meth:`eval_logits` on test batches.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    base_defaults: ClassVar[dict[str, Any]] = TRAIN_DEFAULTS
+
+    def __init__(self, backbone: Backbone, task: FewShotTask, hparams: dict[str, Any]) -> None:
+        self.backbone = backbone
+        self.task = task
+        self.hp = hparams
+
+    @classmethod
+    def all_defaults(cls) -> dict[str, Any]:
+        return {**cls.base_defaults, **cls.defaults}
+
+    @property
+    def model(self) -> nn.Module:
+        return self.backbone.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def setup(self) -> None:
+        """Build the trainable parts (adapters, prompts, heads)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.modules_to_train().parameters() if p.requires_grad]
+
+    def modules_to_train(self) -> nn.Module:
+        """The module(s) whose parameters train; put in train mode by the loop."""
+        return self.model
+
+    def extra_modules(self) -> list[nn.Module]:
+        """Modules outside the backbone that hold parameters (prompt learners, heads)."""
+        return []
+
+    def iterations(self) -> int:
+        if self.hp.get("iterations") is not None:
+            return int(self.hp["iterations"])
+        return int(self.hp.get("iterations_per_shot", 0)) * self.task.shots
+
+    def train_logits(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"method {self.name!r} does not train with the generic loop")
+
+    def fit(self, run) -> dict[str, Any]:
+        """Train; returns statistics for the record (the generic loop by default)."""
+        from blocklora.train import train_loop
+
+        return train_loop(self, run)
+
+    def prepare_eval(self) -> None:
+        """Get ready for inference (merge adapters, compute text features once)."""
+
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The learned tensors that :meth:`save` writes (empty for training-free methods)."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in self.state().items():
+            value.data.copy_(tensors[key])
+
+    def save(self, path: str | Path, **metadata: Any) -> None:
+        write_tensors(path, self.state(), {"method": self.name, "hparams": self.hp, **metadata})
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        tensors, meta = read_tensors(path)
+        if meta.get("method") != self.name:
+            raise ValueError(f"{path} holds a {meta.get('method')!r} state, not {self.name!r}")
+        self.load_state(tensors)
+        return meta
+
+    @torch.no_grad()
+    def text_features(self, template: str | None = None) -> torch.Tensor:
+        return self.backbone.encode_text(self.task.prompts(template))

@@ -1,0 +1,31 @@
+"""Zero-shot CLIP: class prompts from the dataset's template, no training."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from blocklora.methods import EVAL_DEFAULTS, Method, register_method
+
+
+@register_method
+class ZeroShot(Method):
+    name = "zeroshot"
+    summary = "zero-shot CLIP with the dataset's prompt template (PROTOCOL.md §4)"
+    base_defaults = EVAL_DEFAULTS
+    defaults: ClassVar[dict[str, Any]] = {"template": None}
+
+    def iterations(self) -> int:
+        return 0
+
+    def fit(self, run) -> dict[str, Any]:
+        return {}
+
+    def prepare_eval(self) -> None:
+        self.classifier = self.text_features(self.hp["template"])
+
+    @torch.no_grad()
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.encode_image(images)
+        return self.hp["logit_scale"] * features @ self.classifier.to(features.dtype).T

@@ -1,0 +1,198 @@
+"""One generic training loop (PROTOCOL.md §2): iterations, AdamW or SGD, cosine, AMP, NaN guard."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from blocklora.data.loading import DeviceAugment, decode_uint8
+
+log = logging.getLogger("blocklora")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return resolved
+
+
+@dataclass
+class Precision:
+    """Autocast dtype (None = fp32) and whether a GradScaler is needed."""
+
+    dtype: torch.dtype | None
+    scaler: bool
+
+    @classmethod
+    def resolve(cls, name: str, device: torch.device) -> Precision:
+        if name == "auto":
+            name = "fp16" if device.type == "cuda" else "fp32"
+        if name == "fp32":
+            return cls(None, False)
+        if name == "bf16":
+            return cls(torch.bfloat16, False)
+        if name == "fp16":
+            if device.type != "cuda":
+                raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+            return cls(torch.float16, True)
+        raise ValueError(f"unknown precision {name!r}: use auto, fp32, bf16 or fp16")
+
+    def autocast(self, device: torch.device):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+@dataclass
+class RunContext:
+    """What a method needs to run beyond its hyper-parameters."""
+
+    device: torch.device
+    seed: int
+    progress: bool = True
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def precision(self, hp: dict[str, Any]) -> Precision:
+        return Precision.resolve(hp.get("precision", "auto"), self.device)
+
+
+def cosine_lr(step: int, *, total: int, base: float, eta_min: float, warmup: int, warmup_lr: float) -> float:
+    """CosineAnnealingLR's closed form over ``total - warmup`` steps after a constant warm-up."""
+    if step < warmup:
+        return warmup_lr
+    span = max(1, total - warmup)
+    return eta_min + (base - eta_min) * (1 + math.cos(math.pi * min(step - warmup, span) / span)) / 2
+
+
+def make_optimizer(params: list[torch.nn.Parameter], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    if hp["optimizer"] == "adamw":
+        return torch.optim.AdamW(
+            params, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"]
+        )
+    if hp["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    raise ValueError(f"unknown optimizer {hp['optimizer']!r}: use adamw or sgd")
+
+
+class BatchSampler:
+    """Endless shuffled batches of indices: a new permutation each pass, last batch kept whole."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        if n == 0:
+            raise ValueError("the few-shot training set is empty")
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        if not self.order:
+            self.order = torch.randperm(self.n, generator=self.generator).tolist()
+        batch, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return batch
+
+
+def train_loop(method, run: RunContext) -> dict[str, Any]:
+    """Optimize ``method.trainable_parameters()`` on ``method.train_logits`` for its iterations."""
+    hp, task, device = method.hp, method.task, run.device
+    iterations = method.iterations()
+    params = method.trainable_parameters()
+    if not params:
+        raise RuntimeError(f"method {method.name!r} has no trainable parameters")
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(run.seed)
+    images = decode_uint8(task.train, task.image_root)
+    augment = DeviceAugment(
+        images,
+        method.backbone.image_size,
+        method.backbone.mean,
+        method.backbone.std,
+        device=device,
+        scale=hp["crop_scale"],
+        generator=generator,
+    )
+    labels = torch.tensor([int(e[1]) for e in task.train], device=device)
+    sampler = BatchSampler(len(images), hp["batch_size"], generator)
+    optimizer = make_optimizer(params, hp)
+    precision = run.precision(hp)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    schedule = {
+        "total": iterations,
+        "base": hp["lr"],
+        "eta_min": hp["eta_min"],
+        "warmup": hp["warmup_iterations"],
+        "warmup_lr": hp["warmup_lr"],
+    }
+    module = method.modules_to_train()
+    module.train()
+    losses: list[torch.Tensor] = []
+    first_bad = torch.tensor(-1, device=device)
+    bar = tqdm(
+        total=iterations, desc=f"{method.name} {task.dataset} {task.shots}-shot", disable=not run.progress
+    )
+    log_every = max(1, int(hp.get("log_every", 50)))
+    for step in range(iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, **schedule)
+        index = sampler.next()
+        batch = augment(index)
+        with precision.autocast(device):
+            logits = method.train_logits(batch)
+            loss = F.cross_entropy(logits.float(), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss = loss.detach()
+        first_bad = torch.where(
+            (first_bad < 0) & ~torch.isfinite(loss), torch.tensor(step, device=device), first_bad
+        )
+        losses.append(loss)
+        if (step + 1) % log_every == 0 or step + 1 == iterations:
+            _stop_if_not_finite(first_bad, method, losses)
+            recent = torch.stack(losses[-log_every:]).mean().item()
+            bar.set_postfix(loss=f"{recent:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if not run.progress:
+                log.info("iteration %d/%d loss %.4f", step + 1, iterations, recent)
+        bar.update(1)
+    bar.close()
+    module.eval()
+    curve = torch.stack(losses).float().cpu() if losses else torch.zeros(0)
+    window = max(1, min(log_every, len(curve)))
+    return {
+        "iterations": iterations,
+        "train_seconds": time.perf_counter() - started,
+        "loss_first": float(curve[:window].mean()) if len(curve) else None,
+        "loss_last": float(curve[-window:].mean()) if len(curve) else None,
+        "precision": precision.name,
+    }
+
+
+def _stop_if_not_finite(first_bad: torch.Tensor, method, losses: list[torch.Tensor]) -> None:
+    step = int(first_bad.item())
+    if step >= 0:
+        raise FloatingPointError(
+            f"{method.name} on {method.task.dataset} ({method.task.shots} shots, seed {method.task.seed}): "
+            f"loss became {losses[step].item()} at iteration {step + 1}; lower lr or use precision fp32"
+        )

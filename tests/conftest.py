@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny open_clip config and a toy image dataset, built offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+TINY = "test-tiny"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+TOY_COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory) -> str:
+    """Register a 2-layer, 64-wide CLIP under the name ``test-tiny``."""
+    folder = tmp_path_factory.mktemp("model_configs")
+    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(folder)
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_config, tmp_path_factory) -> Path:
+    """A fixed random init of test-tiny saved as a local checkpoint file."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(tiny_config)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def write_toy_dataset(root: Path, per_class: int = 12, test_per_class: int = 8, seed: int = 0) -> dict:
+    """Noisy solid-colour squares, one class per colour, in the CoOp split format."""
+    rng = np.random.default_rng(seed)
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    for label, (name, rgb) in enumerate(TOY_COLORS.items()):
+        for split, count in (("train", per_class), ("val", 2), ("test", test_per_class)):
+            for i in range(count):
+                noise = rng.normal(0, 25, size=(40, 48, 3))
+                pixels = np.clip(np.array(rgb)[None, None] + noise, 0, 255).astype(np.uint8)
+                rel = f"{name}/{split}_{i}.png"
+                (root / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(root / rel)
+                splits[split].append([rel, label, name])
+    return splits
+
+
+@pytest.fixture(scope="session")
+def toy_dataset(tmp_path_factory) -> tuple[Path, Path]:
+    """(image root, few-shot file) of a 4-class colour task: train 12, val 2, test 8 per class."""
+    root = tmp_path_factory.mktemp("toy")
+    splits = write_toy_dataset(root / "images")
+    fewshot = root / "fewshot.json"
+    fewshot.write_text(json.dumps(splits))
+    return root / "images", fewshot

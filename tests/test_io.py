@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from blocklora import apply_adapters, load_adapters, load_backbone, merge_adapters, save_adapters
+from blocklora.inject import adapted_attentions
+from blocklora.io import atomic_path, read_tensors, write_json
+
+IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+PROMPTS = ["a photo of a red thing.", "a photo of a blue thing."]
+
+
+def _adapted(config, checkpoint, **kwargs):
+    backbone = load_backbone(config, str(checkpoint))
+    apply_adapters(backbone.model, kwargs.pop("method", "blocklora"), blocks=4, **kwargs)
+    return backbone
+
+
+def _train_like(backbone, seed):
+    torch.manual_seed(seed)
+    for _, _, attn in adapted_attentions(backbone.model):
+        for adapter in attn.adapters.values():
+            adapter.lora_A.data.normal_()
+            adapter.lora_B.data.normal_(0, 0.05)
+
+
+@torch.no_grad()
+def _logits(backbone):
+    return backbone.encode_image(IMAGES) @ backbone.encode_text(PROMPTS).T
+
+
+def test_save_load_round_trip_reproduces_logits(tiny_config, tiny_checkpoint, tmp_path):
+    trained = _adapted(tiny_config, tiny_checkpoint)
+    _train_like(trained, 0)
+    path = tmp_path / "task.safetensors"
+    save_adapters(trained.model, path)
+    tensors, meta = read_tensors(path)
+    assert all("lora_" in k for k in tensors)
+    assert meta["config"]["blocks"] == 4 and meta["backbone"]["name"] == tiny_config
+    assert path.stat().st_size < 100_000
+    fresh = _adapted(tiny_config, tiny_checkpoint)
+    load_adapters(fresh.model, path)
+    torch.testing.assert_close(_logits(fresh), _logits(trained))
+
+
+def test_task_swap_on_a_merged_model_does_not_reload_the_base(tiny_config, tiny_checkpoint, tmp_path):
+    backbone = _adapted(tiny_config, tiny_checkpoint)
+    _train_like(backbone, 1)
+    save_adapters(backbone.model, tmp_path / "a.safetensors")
+    logits_a = _logits(backbone)
+    _train_like(backbone, 2)
+    save_adapters(backbone.model, tmp_path / "b.safetensors")
+    logits_b = _logits(backbone)
+    merge_adapters(backbone.model)
+    weight = backbone.model.visual.transformer.resblocks[0].attn.in_proj_weight
+    load_adapters(backbone.model, tmp_path / "a.safetensors")
+    torch.testing.assert_close(_logits(backbone), logits_a, rtol=1e-4, atol=1e-5)
+    load_adapters(backbone.model, tmp_path / "b.safetensors")
+    torch.testing.assert_close(_logits(backbone), logits_b, rtol=1e-4, atol=1e-5)
+    assert backbone.model.visual.transformer.resblocks[0].attn.in_proj_weight is weight
+
+
+def test_adapters_from_another_configuration_or_backbone_are_refused(tiny_config, tiny_checkpoint, tmp_path):
+    source = _adapted(tiny_config, tiny_checkpoint)
+    path = tmp_path / "a.safetensors"
+    save_adapters(source.model, path)
+    other_rank = _adapted(tiny_config, tiny_checkpoint, rank=4)
+    with pytest.raises(ValueError, match="rank: file 2 vs model 4"):
+        load_adapters(other_rank.model, path)
+    lora = _adapted(tiny_config, tiny_checkpoint, method="lora")
+    with pytest.raises(ValueError, match="method: file 'blocklora' vs model 'lora'"):
+        load_adapters(lora.model, path)
+    vit = load_backbone("ViT-B-16", None)
+    apply_adapters(vit.model, "blocklora", blocks=4)
+    with pytest.raises(ValueError, match=f"trained on backbone {tiny_config}"):
+        load_adapters(vit.model, path)
+
+
+def test_a_failed_write_leaves_the_previous_file_intact(tmp_path):
+    path = tmp_path / "record.json"
+    write_json(path, {"accuracy": 0.5})
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text('{"accuracy": 0.9, "trunc')
+        raise RuntimeError("disk full")
+    assert json.loads(path.read_text()) == {"accuracy": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]

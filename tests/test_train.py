@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+
+from blocklora.cli import main
+from blocklora.experiment import run_experiment
+from blocklora.methods.lora import LoRA
+from blocklora.train import cosine_lr
+
+FAST = {
+    "iterations": 60,
+    "lr": 5e-3,
+    "rank": 4,
+    "batch_size": 16,
+    "dropout": 0.0,
+    "num_workers": 0,
+    "log_every": 10,
+}
+RECORD_KEYS = {
+    "method", "dataset", "suite", "shots", "seed", "backbone", "pretrained", "accuracy", "num_classes",
+    "test_size", "trainable_params", "total_params", "iterations", "train_seconds", "eval_seconds",
+    "peak_memory_mib", "device", "hparams", "versions", "git_commit", "created",
+}  # fmt: skip
+
+
+def _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, method, hparams, **kwargs):
+    images, fewshot = toy_dataset
+    return run_experiment(
+        method=method,
+        dataset="toy",
+        fewshot=fewshot,
+        image_root=images,
+        shots=12,
+        seed=kwargs.pop("seed", 1),
+        backbone=tiny_config,
+        pretrained=str(tiny_checkpoint),
+        hparams=hparams,
+        record=tmp_path / f"{method}.json",
+        adapter=tmp_path / f"{method}.safetensors",
+        device="cpu",
+        template="a photo of a {}.",
+        progress=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(("method", "extra"), [("lora", {}), ("blocklora", {"blocks": 4})])
+def test_a_tiny_training_run_lowers_the_loss_and_beats_chance(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, method, extra
+):
+    record = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, method, {**FAST, **extra})
+    stats = record["train_stats"]
+    assert stats["loss_last"] < 0.5 * stats["loss_first"]
+    assert record["accuracy"] >= 0.75  # 4 classes: chance is 0.25
+    assert record["iterations"] == 60
+    on_disk = json.loads((tmp_path / f"{method}.json").read_text())
+    assert set(on_disk) >= RECORD_KEYS
+    assert on_disk["accuracy"] == record["accuracy"]
+    assert on_disk["peak_memory_mib"] is None and on_disk["device"].startswith("cpu")
+    assert on_disk["hparams"]["rank"] == 4 and on_disk["hparams"]["weight_decay"] == 1e-2
+
+
+def test_zero_shot_trains_nothing(tiny_config, tiny_checkpoint, toy_dataset, tmp_path):
+    record = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "zeroshot", {"num_workers": 0})
+    assert record["trainable_params"] == 0 and record["iterations"] == 0
+    assert record["total_params"] > 1_000_000
+
+
+def test_same_seed_same_result_on_cpu(tiny_config, tiny_checkpoint, toy_dataset, tmp_path):
+    hp = {**FAST, "iterations": 15, "dropout": 0.25}
+    a = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "a", "blocklora", {**hp, "blocks": 4})
+    b = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "b", "blocklora", {**hp, "blocks": 4})
+    assert a["accuracy"] == b["accuracy"]
+    assert a["train_stats"] == b["train_stats"]
+
+
+def test_a_nan_loss_stops_the_run_naming_the_iteration(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+):
+    calls = {"n": 0}
+    original = LoRA.train_logits
+
+    def poisoned(self, images):
+        calls["n"] += 1
+        logits = original(self, images)
+        return logits * float("nan") if calls["n"] == 4 else logits
+
+    monkeypatch.setattr(LoRA, "train_logits", poisoned)
+    with pytest.raises(FloatingPointError, match="at iteration 4"):
+        _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", FAST)
+    assert not (tmp_path / "lora.json").exists()
+
+
+def test_unknown_hyper_parameter_is_an_error_naming_it(tiny_config, tiny_checkpoint, toy_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['blocks'\] for method 'lora'"):
+        _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", {"blocks": 4})
+
+
+def test_cosine_schedule_matches_torch():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100, eta_min=1e-6)
+    for step in range(100):
+        assert cosine_lr(step, total=100, base=2e-4, eta_min=1e-6, warmup=0, warmup_lr=0) == pytest.approx(
+            opt.param_groups[0]["lr"], rel=1e-9
+        )
+        opt.step()
+        sched.step()
+
+
+def test_cli_train_writes_record_and_state(tiny_config, tiny_checkpoint, toy_dataset, tmp_path):
+    images, fewshot = toy_dataset
+    args = [
+        "train", "--method", "blocklora", "--dataset", "toy", "--fewshot", str(fewshot),
+        "--image-root", str(images), "--shots", "12", "--seed", "1", "--backbone", tiny_config,
+        "--pretrained", str(tiny_checkpoint), "--hparams", json.dumps({**FAST, "iterations": 5, "blocks": 4}),
+        "--record", str(tmp_path / "r.json"), "--adapter", str(tmp_path / "a.safetensors"),
+        "--device", "cpu", "--template", "a photo of a {}.", "--no-progress",
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["method"] == "blocklora"
+    assert (tmp_path / "a.safetensors").stat().st_size > 0
+
+
+def test_cli_reports_an_unknown_method(toy_dataset, tmp_path, caplog):
+    images, fewshot = toy_dataset
+    args = [
+        "train", "--method", "nope", "--dataset", "toy", "--fewshot", str(fewshot), "--image-root", str(images),
+        "--shots", "1", "--seed", "1", "--backbone", "x", "--record", str(tmp_path / "r.json"),
+        "--adapter", str(tmp_path / "a.safetensors"),
+    ]  # fmt: skip
+    assert main(args) == 1
+    assert "unknown method 'nope'" in caplog.text and "blocklora" in caplog.text
