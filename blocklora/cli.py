@@ -66,6 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         template=args.template,
         module=args.module,
         progress=not args.no_progress,
+        cache_dir=args.cache_dir,
     )
     return 0
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help="prompt template overriding the dataset's")
     p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument("--cache-dir", default=None, help="folder for reusable frozen image features")
     p.set_defaults(func=cmd_train)
     return parser
 

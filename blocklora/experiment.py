@@ -83,6 +83,7 @@ def run_experiment(
     template: str | None = None,
     module: str | None = None,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one run; write the state file, then the record (both atomically)."""
     if shots <= 0:
@@ -106,7 +107,12 @@ def run_experiment(
         shots=shots,
         seed=seed,
     )
-    run = RunContext(device=resolve_device(device), seed=seed, progress=progress)
+    run = RunContext(
+        device=resolve_device(device),
+        seed=seed,
+        progress=progress,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
     seed_everything(seed)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)

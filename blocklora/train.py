@@ -8,6 +8,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,7 @@ class RunContext:
     device: torch.device
     seed: int
     progress: bool = True
+    cache_dir: Path | None = None  # reusable artefacts such as frozen image features
     stats: dict[str, Any] = field(default_factory=dict)
 
     def precision(self, hp: dict[str, Any]) -> Precision:
