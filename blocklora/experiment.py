@@ -48,6 +48,12 @@ def class_names(splits: dict[str, list], source: str | Path) -> list[str]:
     return [names[i] for i in range(len(names))]
 
 
+def checkpoint_path(record: str | Path) -> Path:
+    """Where a run keeps its resumable training state: beside its record, until the record exists."""
+    record = Path(record)
+    return record.with_name(f"{record.stem}.checkpoint.pt")
+
+
 def dataset_template(dataset: str) -> str:
     from blocklora.data.registry import get_dataset
 
@@ -112,6 +118,7 @@ def run_experiment(
         seed=seed,
         progress=progress,
         cache_dir=Path(cache_dir) if cache_dir else None,
+        checkpoint=checkpoint_path(record),
     )
     seed_everything(seed)
     if run.device.type == "cuda":
@@ -160,6 +167,8 @@ def run_experiment(
         "created": now(),
     }
     write_json(record, rec)
+    if run.checkpoint is not None:
+        run.checkpoint.unlink(missing_ok=True)
     log.info(
         "%s on %s, %d shots, seed %d: test accuracy %.2f %%",
         method,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from blocklora.data.loading import DeviceAugment, decode_uint8
+from blocklora.io import atomic_path
 
 log = logging.getLogger("blocklora")
 
@@ -75,6 +76,7 @@ class RunContext:
     seed: int
     progress: bool = True
     cache_dir: Path | None = None  # reusable artefacts such as frozen image features
+    checkpoint: Path | None = None  # where the loop keeps its resumable state
     stats: dict[str, Any] = field(default_factory=dict)
 
     def precision(self, hp: dict[str, Any]) -> Precision:
@@ -115,8 +117,53 @@ class BatchSampler:
         return batch
 
 
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "generator": generator.get_state(),
+    }
+
+
+def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    """Write a resumable training state atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to this very run, else None (and it is ignored)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a checkpoint we cannot read is no reason to fail: start over
+        log.warning("ignoring unreadable checkpoint %s (%s); training from the start", path, exc)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("ignoring checkpoint %s: it belongs to another configuration", path)
+        return None
+    return state
+
+
 def train_loop(method, run: RunContext) -> dict[str, Any]:
-    """Optimize ``method.trainable_parameters()`` on ``method.train_logits`` for its iterations."""
+    """Optimize ``method.trainable_parameters()`` on ``method.train_logits`` for its iterations.
+
+    With ``run.checkpoint`` set and ``checkpoint_every > 0``, the trainable tensors, optimizer,
+    scaler, sampler and RNG states are saved every ``checkpoint_every`` iterations, and a rerun
+    resumes from there: on CPU it ends with exactly the metrics of an uninterrupted run.
+    """
     hp, task, device = method.hp, method.task, run.device
     iterations = method.iterations()
     params = method.trainable_parameters()
@@ -146,15 +193,40 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
         "warmup": hp["warmup_iterations"],
         "warmup_lr": hp["warmup_lr"],
     }
+    losses: list[torch.Tensor] = []
+    start_step = 0
+    every = int(hp.get("checkpoint_every") or 0)
+    fingerprint = {
+        "method": method.name,
+        "hparams": hp,
+        "seed": run.seed,
+        "train": [e[0] for e in task.train],
+    }
+    resumed = load_checkpoint(run.checkpoint, fingerprint) if run.checkpoint and every > 0 else None
+    if resumed is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, resumed["params"], strict=True):
+                p.copy_(saved)
+        optimizer.load_state_dict(resumed["optimizer"])
+        scaler.load_state_dict(resumed["scaler"])
+        sampler.order = list(resumed["sampler_order"])
+        losses = [t.to(device) for t in resumed["losses"]]
+        start_step = int(resumed["step"])
+        _restore_rng(resumed["rng"], generator)
+        log.info(
+            "resuming %s on %s from iteration %d (%s)", method.name, task.dataset, start_step, run.checkpoint
+        )
     module = method.modules_to_train()
     module.train()
-    losses: list[torch.Tensor] = []
     first_bad = torch.tensor(-1, device=device)
     bar = tqdm(
-        total=iterations, desc=f"{method.name} {task.dataset} {task.shots}-shot", disable=not run.progress
+        total=iterations,
+        initial=start_step,
+        desc=f"{method.name} {task.dataset} {task.shots}-shot",
+        disable=not run.progress,
     )
     log_every = max(1, int(hp.get("log_every", 50)))
-    for step in range(iterations):
+    for step in range(start_step, iterations):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, **schedule)
         index = sampler.next()
@@ -171,12 +243,26 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
             (first_bad < 0) & ~torch.isfinite(loss), torch.tensor(step, device=device), first_bad
         )
         losses.append(loss)
-        if (step + 1) % log_every == 0 or step + 1 == iterations:
+        done = step + 1
+        if done % log_every == 0 or done == iterations:
             _stop_if_not_finite(first_bad, method, losses)
             recent = torch.stack(losses[-log_every:]).mean().item()
             bar.set_postfix(loss=f"{recent:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             if not run.progress:
-                log.info("iteration %d/%d loss %.4f", step + 1, iterations, recent)
+                log.info("iteration %d/%d loss %.4f", done, iterations, recent)
+        if run.checkpoint and every > 0 and (done % every == 0 or done == iterations):
+            _stop_if_not_finite(first_bad, method, losses)
+            save_checkpoint(
+                run.checkpoint,
+                fingerprint=fingerprint,
+                step=done,
+                params=[p.detach().cpu() for p in params],
+                optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict(),
+                sampler_order=list(sampler.order),
+                losses=[t.cpu() for t in losses],
+                rng=_rng_state(generator),
+            )
         bar.update(1)
     bar.close()
     module.eval()
@@ -184,6 +270,7 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
     window = max(1, min(log_every, len(curve)))
     return {
         "iterations": iterations,
+        "resumed_from": start_step,
         "train_seconds": time.perf_counter() - started,
         "loss_first": float(curve[:window].mean()) if len(curve) else None,
         "loss_last": float(curve[-window:].mean()) if len(curve) else None,

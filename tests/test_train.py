@@ -132,3 +132,32 @@ def test_cli_reports_an_unknown_method(toy_dataset, tmp_path, caplog):
     ]  # fmt: skip
     assert main(args) == 1
     assert "unknown method 'nope'" in caplog.text and "blocklora" in caplog.text
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_with_identical_metrics(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+):
+    hp = {**FAST, "iterations": 20, "checkpoint_every": 5, "dropout": 0.25, "blocks": 4}
+    reference = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "ref", "blocklora", hp)
+
+    calls = {"n": 0}
+    original = LoRA.train_logits
+
+    def killed_at_13(self, images):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, images)
+
+    monkeypatch.setattr(LoRA, "train_logits", killed_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "cut", "blocklora", hp)
+    assert not (tmp_path / "cut" / "blocklora.json").exists()
+    assert (tmp_path / "cut" / "blocklora.checkpoint.pt").exists()
+    monkeypatch.setattr(LoRA, "train_logits", original)
+    resumed = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "cut", "blocklora", hp)
+    assert resumed["train_stats"]["resumed_from"] == 10
+    assert resumed["accuracy"] == reference["accuracy"]
+    for key in ("loss_first", "loss_last"):
+        assert resumed["train_stats"][key] == reference["train_stats"][key]
+    assert not (tmp_path / "cut" / "blocklora.checkpoint.pt").exists()

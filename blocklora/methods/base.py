@@ -33,6 +33,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 128,
     "num_workers": 4,
     "log_every": 50,
+    "checkpoint_every": 500,
 }
 EVAL_DEFAULTS: dict[str, Any] = {
     "precision": "auto",
