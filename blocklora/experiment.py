@@ -14,7 +14,15 @@ from blocklora.clip import load_backbone
 from blocklora.evaluate import evaluate
 from blocklora.io import write_json
 from blocklora.methods import FewShotTask, get_method, resolve_hparams
-from blocklora.records import device_name, git_commit, now, package_versions
+from blocklora.records import (
+    PROTOCOL_VERSION,
+    config_hash,
+    device_name,
+    file_sha256,
+    git_commit,
+    now,
+    package_versions,
+)
 from blocklora.train import RunContext, resolve_device, seed_everything
 
 log = logging.getLogger("blocklora")
@@ -140,6 +148,19 @@ def run_experiment(
     stats = instance.fit(run)
     instance.save(adapter, dataset=dataset, shots=shots, seed=seed)
     result = evaluate(instance, task.test, task.image_root, run)
+    inputs = {"fewshot": file_sha256(fewshot)}
+    if loaded.pretrained and Path(str(pretrained)).is_file():
+        inputs["pretrained"] = file_sha256(pretrained)
+    resolved = {
+        "method": method,
+        "dataset": dataset,
+        "shots": shots,
+        "seed": seed,
+        "backbone": backbone,
+        "pretrained": loaded.pretrained,
+        "template": task.template,
+        "hparams": hp,
+    }
     rec = {
         "method": method,
         "dataset": dataset,
@@ -162,6 +183,11 @@ def run_experiment(
         "device": device_name(run.device),
         "train_stats": {k: v for k, v in stats.items() if k not in ("iterations", "train_seconds")},
         "hparams": hp,
+        "template": task.template,
+        "protocol_version": PROTOCOL_VERSION,
+        "config_hash": config_hash(resolved),
+        "inputs": inputs,
+        "inputs_hash": config_hash(inputs),
         "versions": package_versions(),
         "git_commit": git_commit(),
         "created": now(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -15,6 +16,9 @@ import pandas as pd
 import torch
 
 REQUIRED = ("method", "dataset", "shots", "seed", "backbone", "accuracy")
+# Bump when a change alters what a run computes (protocol, data pipeline, metric): the report
+# refuses to mix records of different versions unless told to.
+PROTOCOL_VERSION = 1
 PACKAGES = ("blocklora", "torch", "torchvision", "open_clip_torch", "numpy", "snakemake")
 
 
@@ -46,6 +50,19 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}-dirty" if dirty else head
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A stable sha256 of a JSON-able configuration (keys sorted)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def device_name(device: torch.device) -> str:

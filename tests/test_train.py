@@ -20,7 +20,8 @@ FAST = {
 RECORD_KEYS = {
     "method", "dataset", "suite", "shots", "seed", "backbone", "pretrained", "accuracy", "num_classes",
     "test_size", "trainable_params", "total_params", "iterations", "train_seconds", "eval_seconds",
-    "peak_memory_mib", "device", "hparams", "versions", "git_commit", "created",
+    "peak_memory_mib", "device", "hparams", "versions", "git_commit", "created", "protocol_version",
+    "config_hash", "inputs", "inputs_hash", "template",
 }  # fmt: skip
 
 
@@ -161,3 +162,13 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_with_identical_metrics(
     for key in ("loss_first", "loss_last"):
         assert resumed["train_stats"][key] == reference["train_stats"][key]
     assert not (tmp_path / "cut" / "blocklora.checkpoint.pt").exists()
+
+
+def test_records_carry_hashes_of_their_config_and_inputs(tiny_config, tiny_checkpoint, toy_dataset, tmp_path):
+    hp = {**FAST, "iterations": 2}
+    a = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "a", "lora", hp)
+    b = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "b", "lora", hp)
+    c = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "c", "lora", {**hp, "rank": 2})
+    assert a["config_hash"] == b["config_hash"] != c["config_hash"]
+    assert a["inputs_hash"] == c["inputs_hash"]
+    assert set(a["inputs"]) == {"fewshot", "pretrained"}
