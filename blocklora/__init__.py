@@ -1,14 +1,39 @@
-"""Block-LoRA and LoRA for CLIP few-shot classification: the public API."""
+"""Block-LoRA and LoRA for CLIP few-shot classification: the public API.
 
-from blocklora.adapters import BlockLoRALinear, LoRALinear, LowRankAdapter
-from blocklora.clip import Backbone, load_backbone
-from blocklora.inject import apply_adapters, merge_adapters, unmerge_adapters
-from blocklora.io import load_adapters, save_adapters
+Names are imported on first use, so that light commands (``blocklora fewshot``) and helpers
+such as :mod:`blocklora.gpus` start without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "LowRankAdapter": "blocklora.adapters",
+    "LoRALinear": "blocklora.adapters",
+    "BlockLoRALinear": "blocklora.adapters",
+    "Backbone": "blocklora.clip",
+    "load_backbone": "blocklora.clip",
+    "apply_adapters": "blocklora.inject",
+    "merge_adapters": "blocklora.inject",
+    "unmerge_adapters": "blocklora.inject",
+    "count_trainable": "blocklora.inject",
+    "save_adapters": "blocklora.io",
+    "load_adapters": "blocklora.io",
+}
+
+if TYPE_CHECKING:
+    from blocklora.adapters import BlockLoRALinear, LoRALinear, LowRankAdapter
+    from blocklora.clip import Backbone, load_backbone
+    from blocklora.inject import apply_adapters, count_trainable, merge_adapters, unmerge_adapters
+    from blocklora.io import load_adapters, save_adapters
 
 
-def count_trainable(model) -> int:
-    """Number of parameters with ``requires_grad``, each tensor counted once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'blocklora' has no attribute {name!r}")
 
 
 __all__ = [

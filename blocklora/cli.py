@@ -46,7 +46,16 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _claim_gpu_if_needed(device: str) -> None:
+    """Before CUDA starts: on a multi-GPU node give this job one GPU of its own."""
+    if device in ("auto", "cuda"):
+        from blocklora.gpus import claim_gpu, default_lock_dir
+
+        claim_gpu(default_lock_dir())
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _claim_gpu_if_needed(args.device)
     from blocklora.experiment import run_experiment
 
     run_experiment(

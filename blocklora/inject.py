@@ -328,3 +328,8 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     if config is None:
         raise ValueError("this model has no adapters: call blocklora.apply_adapters(model, ...) first")
     return dict(config)
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of parameters with ``requires_grad``, each tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
