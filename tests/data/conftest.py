@@ -1,0 +1,151 @@
+"""Fixtures for the data-layer tests: a loopback HTTP server with misbehaviours on demand, fixture archives."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REFERENCE_SPLITS = Path(__file__).resolve().parents[2] / "../shared/reference/splits"
+
+
+@dataclass
+class FileServer:
+    """Files served at /<name>, with per-file misbehaviours, and a log of (path, Range header)."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    cut_after: dict[str, int] = field(default_factory=dict)  # first GET sends only n bytes, then closes
+    fail_times: dict[str, int] = field(default_factory=dict)  # answer 503 this many times first
+    delay: dict[str, float] = field(default_factory=dict)  # sleep before answering (every GET)
+    ignore_range: set[str] = field(default_factory=set)  # answer 200 with the whole file to Range requests
+    log: list[tuple[str, str | None]] = field(default_factory=list)
+    base_url: str = ""
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+
+def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            name = self.path.lstrip("/")
+            range_header = self.headers.get("Range")
+            state.log.append((name, range_header))
+            if state.delay.get(name):
+                time.sleep(state.delay[name])
+            if state.fail_times.get(name, 0) > 0:
+                state.fail_times[name] -= 1
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if name not in state.files:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            data = state.files[name]
+            start = 0
+            if range_header and name not in state.ignore_range:
+                start = int(range_header.removeprefix("bytes=").split("-")[0])
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            body = data[start:]
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            cut = state.cut_after.pop(name, None)
+            if cut is not None:
+                self.wfile.write(body[:cut])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def file_server():
+    state = FileServer()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    server.daemon_threads = True
+    state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if anything tries to download."""
+    import gdown
+    import requests
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(requests.Session, "get", refuse)
+    monkeypatch.setattr(gdown, "download", refuse)
+
+
+def make_tar(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> Path:
+    """A tar archive holding ``members`` (name -> content)."""
+    with tarfile.open(path, mode) as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return path
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, content in members.items():
+            zf.writestr(name, content)
+    return path
+
+
+def reference_split(name: str) -> Path:
+    """Path of a reference split_zhou file; skip the test when the reference folder is absent."""
+    path = REFERENCE_SPLITS / name
+    if not path.is_file():
+        pytest.skip(f"reference split {path} not available")
+    return path
+
+
+@pytest.fixture(name="make_tar")
+def make_tar_fixture():
+    return make_tar
+
+
+@pytest.fixture(name="make_zip")
+def make_zip_fixture():
+    return make_zip
+
+
+@pytest.fixture(name="reference_split", scope="session")
+def reference_split_fixture():
+    return reference_split

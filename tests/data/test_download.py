@@ -1,0 +1,204 @@
+"""Downloads: resume, retries, checksums, error messages, Google Drive staging (all against 127.0.0.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from blocklora.data import download as dl
+from blocklora.data.download import ChecksumError, DownloadError, download_gdrive, download_url
+
+PAYLOAD = os.urandom(300_000)
+MD5 = hashlib.md5(PAYLOAD).hexdigest()
+SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
+FAST = {"backoff": 0.0, "timeout": 5.0, "progress": False}
+
+
+def test_plain_download_is_verified_and_renamed(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    dest = download_url(file_server.url("a.bin"), tmp_path / "a.bin", md5=MD5, sha256=SHA256, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert not (tmp_path / "a.bin.part").exists()
+
+
+def test_download_resumes_with_range_after_cut_connection(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.cut_after["a.bin"] = 100_000
+    dest = download_url(file_server.url("a.bin"), tmp_path / "a.bin", md5=MD5, retries=2, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert file_server.log[0] == ("a.bin", None)
+    _, range_header = file_server.log[1]
+    resumed_at = int(range_header.removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= 100_000, "the second request resumes from the bytes already received"
+
+
+def test_interrupted_download_keeps_part_file_only_and_resumes_next_run(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.cut_after["a.bin"] = 120_000
+    dest = tmp_path / "a.bin"
+    with pytest.raises(DownloadError) as err:
+        download_url(file_server.url("a.bin"), dest, md5=MD5, retries=0, dataset="toy", **FAST)
+    assert not dest.exists()
+    part = tmp_path / "a.bin.part"
+    received = part.stat().st_size
+    assert 0 < received <= 120_000
+    assert "resume" in str(err.value) and str(part) in str(err.value)
+    download_url(file_server.url("a.bin"), dest, md5=MD5, retries=0, **FAST)
+    assert dest.read_bytes() == PAYLOAD and not part.exists()
+    assert file_server.log[-1] == ("a.bin", f"bytes={received}-")
+
+
+def test_server_ignoring_range_restarts_from_scratch(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.ignore_range.add("a.bin")
+    (tmp_path / "a.bin.part").write_bytes(b"garbage that is not the file's start")
+    dest = download_url(file_server.url("a.bin"), tmp_path / "a.bin", md5=MD5, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_complete_part_file_is_verified_and_renamed(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    (tmp_path / "a.bin.part").write_bytes(PAYLOAD)
+    dest = download_url(file_server.url("a.bin"), tmp_path / "a.bin", md5=MD5, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert file_server.log == [("a.bin", f"bytes={len(PAYLOAD)}-")]
+
+
+def test_part_file_longer_than_the_file_restarts(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    (tmp_path / "a.bin.part").write_bytes(PAYLOAD + b"extra")
+    dest = download_url(file_server.url("a.bin"), tmp_path / "a.bin", retries=1, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert file_server.log[-1] == ("a.bin", None)
+
+
+def test_checksum_mismatch_leaves_no_file(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    dest = tmp_path / "a.bin"
+    url = file_server.url("a.bin")
+    with pytest.raises(ChecksumError) as err:
+        download_url(url, dest, md5="0" * 32, dataset="toy_pets", manual="put a.bin in /archives", **FAST)
+    assert not dest.exists() and not (tmp_path / "a.bin.part").exists()
+    message = str(err.value)
+    for expected in ("toy_pets", url, "0" * 32, MD5, "put a.bin in /archives"):
+        assert expected in message
+
+
+def test_404_names_dataset_url_and_manual_fallback(file_server, tmp_path):
+    url = file_server.url("missing.tar.gz")
+    with pytest.raises(DownloadError) as err:
+        download_url(url, tmp_path / "m.tar.gz", dataset="toy_dtd", manual="get it from the authors", **FAST)
+    message = str(err.value)
+    for expected in ("404", "toy_dtd", url, "Manual fallback", "get it from the authors"):
+        assert expected in message
+    assert len(file_server.log) == 1, "a 404 is not retried"
+    assert not (tmp_path / "m.tar.gz").exists()
+
+
+def test_transient_503_is_retried_until_success(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.fail_times["a.bin"] = 2
+    dest = download_url(file_server.url("a.bin"), tmp_path / "a.bin", md5=MD5, retries=3, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert len(file_server.log) == 3
+
+
+def test_retry_waits_with_exponential_backoff(file_server, tmp_path, monkeypatch):
+    sleeps: list[float] = []
+    monkeypatch.setattr(dl.time, "sleep", sleeps.append)
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.fail_times["a.bin"] = 3
+    download_url(file_server.url("a.bin"), tmp_path / "a.bin", retries=3, backoff=0.5, progress=False)
+    assert sleeps == [0.5, 1.0, 2.0]
+
+
+def test_exhausted_retries_raise_with_last_error(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.fail_times["a.bin"] = 10
+    url = file_server.url("a.bin")
+    with pytest.raises(DownloadError) as err:
+        download_url(url, tmp_path / "a.bin", retries=2, dataset="toy", **FAST)
+    message = str(err.value)
+    assert "3 attempts" in message and "503" in message and url in message and "Manual fallback" in message
+    assert not (tmp_path / "a.bin").exists()
+
+
+def test_timeout_raises_with_dataset_url_and_fallback(file_server, tmp_path):
+    file_server.files["slow.bin"] = PAYLOAD
+    file_server.delay["slow.bin"] = 1.0
+    url = file_server.url("slow.bin")
+    with pytest.raises(DownloadError) as err:
+        download_url(
+            url, tmp_path / "slow.bin", retries=1, backoff=0.0, timeout=0.2, dataset="toy", progress=False
+        )
+    message = str(err.value)
+    assert (
+        "timed out" in message.lower()
+        and url in message
+        and "toy" in message
+        and "Manual fallback" in message
+    )
+
+
+def test_existing_file_with_wrong_checksum_is_reported_not_replaced(file_server, tmp_path):
+    dest = tmp_path / "a.bin"
+    dest.write_bytes(b"old")
+    with pytest.raises(ChecksumError, match="delete it"):
+        download_url(file_server.url("a.bin"), dest, md5=MD5, **FAST)
+    assert dest.read_bytes() == b"old"
+    assert file_server.log == []
+
+
+def test_unverifiable_download_records_its_sha256(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    download_url(file_server.url("a.bin"), tmp_path / "a.bin", **FAST)
+    assert (tmp_path / "a.bin.sha256").read_text().split()[0] == SHA256
+
+
+def _fake_gdown(content: bytes | None = None, error: Exception | None = None):
+    calls: list[dict] = []
+
+    def fake(*, id: str, output: str, **kwargs: object) -> str:
+        calls.append({"id": id, "output": output, **kwargs})
+        if error is not None:
+            raise error
+        Path(output).write_bytes(content or b"")
+        return output
+
+    return fake, calls
+
+
+def test_gdrive_download_is_staged_verified_and_renamed(tmp_path, monkeypatch):
+    import gdown
+
+    fake, calls = _fake_gdown(PAYLOAD)
+    monkeypatch.setattr(gdown, "download", fake)
+    dest = download_gdrive("FILEID", tmp_path / "split.json", md5=MD5, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert calls[0]["id"] == "FILEID" and calls[0]["output"] != str(dest) and calls[0]["resume"] is True
+
+
+def test_gdrive_checksum_mismatch_leaves_no_file(tmp_path, monkeypatch):
+    import gdown
+
+    fake, _ = _fake_gdown(b"an HTML quota page")
+    monkeypatch.setattr(gdown, "download", fake)
+    with pytest.raises(ChecksumError, match=r"drive\.google\.com/uc\?id=FILEID"):
+        download_gdrive("FILEID", tmp_path / "x.zip", md5=MD5, dataset="toy", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gdrive_refusal_names_manual_fallback(tmp_path, monkeypatch):
+    import gdown
+    from gdown.exceptions import FileURLRetrievalError
+
+    fake, _ = _fake_gdown(error=FileURLRetrievalError("Too many users have viewed or downloaded this file"))
+    monkeypatch.setattr(gdown, "download", fake)
+    with pytest.raises(DownloadError) as err:
+        download_gdrive("FILEID", tmp_path / "x.zip", dataset="ucf101", manual="place x.zip in archives/")
+    message = str(err.value)
+    assert "ucf101" in message and "FILEID" in message and "place x.zip in archives/" in message
+    assert not (tmp_path / "x.zip").exists()
