@@ -46,6 +46,26 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from blocklora.data.download import prepare_dataset
+
+    path = prepare_dataset(
+        args.dataset, args.data_root, archives_dir=args.archives_dir, download=not args.offline
+    )
+    print(path)
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from blocklora.data.registry import dataset_names, get_dataset
+
+    for name in dataset_names():
+        spec = get_dataset(name)
+        kind = "synthetic" if spec.synthetic else spec.split_source
+        print(f"{name:18s} {spec.title:18s} {spec.num_classes:5d} classes  {kind}")
+    return 0
+
+
 def _claim_gpu_if_needed(device: str) -> None:
     """Before CUDA starts: on a multi-GPU node give this job one GPU of its own."""
     if device in ("auto", "cuda"):
@@ -87,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("datasets", help="list the registered datasets")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("prepare", help="download (or find), verify, extract and split one dataset")
+    p.add_argument("dataset", help="registered dataset name (see `blocklora datasets`)")
+    p.add_argument("--data-root", required=True, help="datasets live in DATA_ROOT/<dataset>/")
+    p.add_argument("--archives-dir", default=None, help="folder of archives you already downloaded")
+    p.add_argument("--offline", action="store_true", help="never download: use local archives only")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("fewshot", help="sample a few-shot subset of a split file (CoOp/Dassl protocol)")
     p.add_argument("split", help="split file: {train, val, test} lists of [path, label, classname]")
@@ -130,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         log.error("%s", exc)
         if args.verbose:
             raise
