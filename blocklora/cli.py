@@ -96,6 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         module=args.module,
         progress=not args.no_progress,
         cache_dir=args.cache_dir,
+        variant=args.name,
     )
     return 0
 
@@ -145,9 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default=None)
     p.add_argument("--template", default=None, help="prompt template overriding the dataset's")
     p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
+    p.add_argument("--name", default=None, help="label of this method variant in tables (default: --method)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--cache-dir", default=None, help="folder for reusable frozen image features")
     p.set_defaults(func=cmd_train)
+    from blocklora.report import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 

@@ -98,6 +98,7 @@ def run_experiment(
     module: str | None = None,
     progress: bool = True,
     cache_dir: str | Path | None = None,
+    variant: str | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one run; write the state file, then the record (both atomically)."""
     if shots <= 0:
@@ -163,6 +164,7 @@ def run_experiment(
     }
     rec = {
         "method": method,
+        "variant": variant or method,
         "dataset": dataset,
         "suite": suite,
         "shots": shots,

@@ -1,0 +1,27 @@
+"""Block-LoRA vs LoRA few-shot CLIP benchmark: `snakemake --cores N [--config suite=NAME]`."""
+
+from pathlib import Path
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# Found beside this file, whatever --directory says; --configfile FILE replaces it.
+configfile: str(Path(workflow.basedir) / "config.yaml")
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/profile.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/{SUITE}/report/report.md",
+    default_target: True

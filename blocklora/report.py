@@ -1,0 +1,644 @@
+"""Tables and figures of a suite, from run records and profile files; importable from a notebook.
+
+    runs = load_runs(paths)                    # one row per record, accuracy in % as ``acc``
+    summary = accuracy_summary(runs)           # mean ± std over seeds per (method, dataset, shots)
+    accuracy_table(summary, shots=16)          # rows = methods, columns = datasets + Average
+    write_report(runs, profiles, out_dir)      # everything `blocklora report` writes
+
+A method's row label is its config entry (``blocklora_n4`` for a variant): the record's
+``variant`` field when present, else the folder ``runs/<suite>/<dataset>/<label>/shots<K>_seed<S>/``
+the record lives in, else its ``method``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+AVERAGE = "Average"
+MISSING = "–"
+METHOD_TITLES = {
+    "zeroshot": "Zero-shot CLIP",
+    "linear_probe": "Linear probe",
+    "coop": "CoOp",
+    "clip_adapter": "CLIP-Adapter",
+    "tip_adapter": "Tip-Adapter",
+    "tip_adapter_f": "Tip-Adapter-F",
+    "lora": "LoRA",
+    "blocklora": "Block-LoRA",
+}
+PROFILE_FIELDS = (
+    "method",
+    "trainable_params",
+    "total_params",
+    "train_flops_per_step",
+    "step_ms",
+    "peak_memory_mib",
+    "latency_ms_merged",
+    "latency_ms_frozen",
+)
+# Every file write_report puts in out_dir (workflow/rules/report.smk lists the same names).
+REPORT_FILES = (
+    "runs.csv",
+    "accuracy.csv",
+    "accuracy.md",
+    "accuracy.tex",
+    "efficiency.csv",
+    "efficiency.md",
+    "efficiency.tex",
+    "accuracy_vs_shots.png",
+    "accuracy_vs_shots.pdf",
+    "accuracy_vs_params.png",
+    "accuracy_vs_params.pdf",
+    "efficiency.png",
+    "efficiency.pdf",
+    "report.md",
+)
+_RUN_FOLDER = re.compile(r"shots\d+_seed\d+")
+_FIRST_COLUMNS = ("label", "method", "dataset", "suite", "shots", "seed", "accuracy", "acc")
+
+
+# ------------------------------------------------------------------ names
+
+
+def method_title(label: str) -> str:
+    """Display name of a method entry: ``blocklora`` -> Block-LoRA; variants keep their entry name."""
+    return METHOD_TITLES.get(label, label)
+
+
+@functools.cache
+def dataset_title(name: str) -> str:
+    """Display name of a dataset from the registry (ImageNet, OxfordPets, ...), else the name itself."""
+    try:
+        from blocklora.data.registry import get_dataset
+
+        return get_dataset(name).title
+    except Exception:  # a title is cosmetic: a registry that cannot answer must not stop the report
+        return name
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"cannot read {what} {path} ({exc}); delete it and rerun the job that writes it"
+        ) from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {path} is not a JSON object; delete it and rerun the job that writes it")
+    return value
+
+
+def _expand(paths: Iterable[str | Path] | str | Path, pattern: str) -> list[Path]:
+    """Files as given, and every ``pattern`` match under the folders given."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files.extend(sorted(path.rglob(pattern)) if path.is_dir() else [path])
+    return files
+
+
+def run_label(record: dict[str, Any], path: str | Path) -> str:
+    """The method entry a record belongs to (see the module docstring)."""
+    if record.get("variant"):
+        return str(record["variant"])
+    path = Path(path)
+    if _RUN_FOLDER.fullmatch(path.parent.name) and path.parent.parent.name:
+        return path.parent.parent.name
+    return str(record["method"])
+
+
+def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
+    """Run records (files, or every record.json under folders) as one row each, plus ``label`` and ``acc`` (%)."""
+    from blocklora.records import load_records
+
+    files = _expand(paths, "record.json")
+    if not files:
+        raise ValueError(f"no run records found in {paths}; run the train jobs first")
+    runs = load_records(files)
+    runs.insert(0, "label", [run_label(_read_json(Path(p), "run record"), p) for p in runs["path"]])
+    runs["acc"] = 100.0 * runs["accuracy"].astype(float)
+    first = [c for c in _FIRST_COLUMNS if c in runs.columns]
+    runs = runs[first + [c for c in runs.columns if c not in first]]
+    return runs.sort_values(["label", "dataset", "shots", "seed"], kind="stable").reset_index(drop=True)
+
+
+def load_profiles(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
+    """Profile files as one row each; the label is the profile's ``name`` (config entry), else the file stem."""
+    rows = []
+    for path in _expand(paths, "*.json"):
+        profile = _read_json(path, "profile")
+        rows.append({"label": str(profile.get("name") or path.stem), **profile, "path": str(path)})
+    columns = ["label", *PROFILE_FIELDS, "path"]
+    frame = pd.DataFrame(rows)
+    return frame.reindex(columns=[*columns, *[c for c in frame.columns if c not in columns]])
+
+
+# ------------------------------------------------------------------ numbers
+
+
+def _shots_text(shots: int) -> str:
+    return f"{shots} shot" if shots == 1 else f"{shots} shots"
+
+
+def _order(values: Iterable[Any], preferred: Sequence[Any] | None) -> list[Any]:
+    present = list(dict.fromkeys(values))
+    if preferred:
+        return [v for v in preferred if v in present]
+    return present
+
+
+def accuracy_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample standard deviation (ddof 1) of accuracy (%) over seeds, per (label, dataset, shots).
+
+    The ``Average`` dataset is the mean over datasets of each seed's accuracies, then mean ± std over
+    seeds; it is left out for a (label, shots) that lacks any dataset the others have.
+    """
+    keys = ["label", "dataset", "shots"]
+    per_dataset = runs.groupby(keys, sort=False)["acc"].agg(mean="mean", std="std", n="count").reset_index()
+    datasets = set(runs["dataset"])
+    per_seed = runs.groupby(["label", "shots", "seed"], sort=False).agg(
+        acc=("acc", "mean"), datasets=("dataset", "nunique")
+    )
+    complete = per_seed[per_seed["datasets"] == len(datasets)].reset_index()
+    average = complete.groupby(["label", "shots"], sort=False)["acc"].agg(mean="mean", std="std", n="count")
+    average = average.reset_index().assign(dataset=AVERAGE)
+    return pd.concat([per_dataset, average[per_dataset.columns]], ignore_index=True)
+
+
+def format_mean_std(mean: float, std: float, decimals: int = 1) -> str:
+    """``72.3 ± 0.4``; the mean alone for a single seed; ``–`` when missing."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return MISSING
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{decimals}f}"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def accuracy_table(
+    summary: pd.DataFrame,
+    shots: int,
+    methods: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    decimals: int = 1,
+) -> pd.DataFrame:
+    """One shot count: rows = method titles, columns = dataset titles + Average, cells ``mean ± std``."""
+    rows = summary[summary["shots"] == shots]
+    methods = _order(rows["label"], methods) if methods else _order(summary["label"], None)
+    datasets = list(datasets) if datasets else [d for d in _order(summary["dataset"], None) if d != AVERAGE]
+    cells = {(r.label, r.dataset): format_mean_std(r.mean, r.std, decimals) for r in rows.itertuples()}
+    table = pd.DataFrame(
+        [[cells.get((m, d), MISSING) for d in [*datasets, AVERAGE]] for m in methods],
+        index=pd.Index([method_title(m) for m in methods], name="Method"),
+        columns=[dataset_title(d) for d in datasets] + [AVERAGE],
+    )
+    return table
+
+
+def _count(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    value = float(value)
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _number(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return format(float(value), fmt)
+
+
+def efficiency_table(profiles: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """Rows = methods; trainable params, FLOPs per training step, step time, peak memory, latency ratio."""
+    if profiles.empty:
+        return pd.DataFrame(columns=["Method"]).set_index("Method")
+    by_label = {row["label"]: row for _, row in profiles.iterrows()}
+    labels = _order(by_label, methods) if methods else list(by_label)
+    rows = []
+    for label in labels:
+        p = {k: (None if pd.isna(v) else v) for k, v in by_label[label].items()}
+        trainable, total = p.get("trainable_params"), p.get("total_params")
+        merged, frozen = p.get("latency_ms_merged"), p.get("latency_ms_frozen")
+        rows.append(
+            {
+                "Method": method_title(label),
+                "Trainable params": MISSING if trainable is None else f"{int(trainable):,}",
+                "Trainable (%)": MISSING
+                if not (trainable is not None and total)
+                else f"{100 * trainable / total:.3f}",
+                "Train FLOPs/step": _count(p.get("train_flops_per_step")),
+                "Step (ms)": _number(p.get("step_ms"), ".1f"),
+                "Peak memory (MiB)": _number(p.get("peak_memory_mib"), ".0f"),
+                "Latency merged / frozen": MISSING
+                if not (merged is not None and frozen)
+                else f"{merged / frozen:.2f}×",
+            }
+        )
+    return pd.DataFrame(rows).set_index("Method")
+
+
+# ------------------------------------------------------------------ text formats
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table (index as the first column)."""
+    header = [table.index.name or "", *map(str, table.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---", *["---:"] * len(table.columns)]) + "|"]
+    for index, row in table.iterrows():
+        lines.append("| " + " | ".join([str(index), *map(str, row)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}"}
+
+
+def _latex_escape(text: str) -> str:
+    text = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+    return text.replace("±", r"$\pm$").replace("×", r"$\times$").replace("–", "--")
+
+
+def to_latex(table: pd.DataFrame, caption: str = "", label: str = "") -> str:
+    """A booktabs ``table`` environment (needs ``\\usepackage{booktabs}``)."""
+    lines = [r"\begin{table}[t]", r"\centering", r"\small"]
+    if caption:
+        lines.append(rf"\caption{{{_latex_escape(caption)}}}")
+    if label:
+        lines.append(rf"\label{{{label}}}")
+    lines += [
+        r"\begin{tabular}{l" + "r" * len(table.columns) + "}",
+        r"\toprule",
+        " & ".join(map(_latex_escape, [table.index.name or "", *table.columns])) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(map(_latex_escape, [i, *row])) + r" \\" for i, row in table.iterrows()]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    return plt
+
+
+def _palette(labels: Sequence[str]) -> dict[str, Any]:
+    import seaborn as sns
+
+    return dict(zip(labels, sns.color_palette("tab10", n_colors=max(len(labels), 1)), strict=False))
+
+
+def plot_accuracy_vs_shots(
+    summary: pd.DataFrame, methods: Sequence[str] | None = None, datasets: Sequence[str] | None = None
+):
+    """A grid of panels (datasets + Average): accuracy vs shots, mean line and ± std band over seeds."""
+    plt = _pyplot()
+    methods = _order(summary["label"], methods)
+    datasets = list(datasets) if datasets else [d for d in _order(summary["dataset"], None) if d != AVERAGE]
+    panels = [*datasets, AVERAGE]
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    colors = _palette(methods)
+    shots = sorted(summary["shots"].unique())
+    for ax, dataset in zip(axes.flat, panels, strict=False):
+        for label in methods:
+            rows = summary[(summary["label"] == label) & (summary["dataset"] == dataset)].sort_values("shots")
+            if rows.empty:
+                continue
+            std = rows["std"].fillna(0.0)
+            ax.plot(
+                rows["shots"], rows["mean"], marker="o", ms=3, color=colors[label], label=method_title(label)
+            )
+            ax.fill_between(
+                rows["shots"], rows["mean"] - std, rows["mean"] + std, color=colors[label], alpha=0.2
+            )
+        ax.set_title(dataset_title(dataset) if dataset != AVERAGE else AVERAGE)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shots, [str(s) for s in shots])
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel("accuracy (%)")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def plot_accuracy_vs_params(
+    summary: pd.DataFrame, params: dict[str, float], methods: Sequence[str] | None = None
+):
+    """Average accuracy against trainable parameters (log x); methods without parameters as dashed lines."""
+    plt = _pyplot()
+    methods = _order(summary["label"], methods)
+    colors = _palette(methods)
+    average = summary[summary["dataset"] == AVERAGE]
+    shots = sorted(average["shots"].unique())
+    markers = dict(zip(shots, "os^Dvp*hX<>", strict=False))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for label in methods:
+        rows = average[average["label"] == label]
+        count = params.get(label)
+        if rows.empty or count is None or (isinstance(count, float) and math.isnan(count)):
+            continue
+        if count <= 0:
+            for row in rows.itertuples():
+                ax.axhline(row.mean, color=colors[label], ls="--", lw=0.8)
+            ax.plot([], [], color=colors[label], ls="--", label=f"{method_title(label)} (0 params)")
+            continue
+        for row in rows.itertuples():
+            ax.errorbar(
+                count,
+                row.mean,
+                yerr=0.0 if math.isnan(row.std) else row.std,
+                color=colors[label],
+                marker=markers.get(row.shots, "o"),
+                ls="none",
+                capsize=2,
+            )
+        ax.plot([], [], color=colors[label], marker="o", ls="none", label=method_title(label))
+    for k in shots:
+        ax.plot([], [], color="gray", marker=markers.get(k, "o"), ls="none", label=_shots_text(k))
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    positive = [v for v in params.values() if v and v > 0 and not math.isnan(v)]
+    if positive:
+        ax.set_xlim(min(positive) / 3, max(positive) * 3)
+    ax.xaxis.set_major_locator(LogLocator(base=10))
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"{AVERAGE.lower()} accuracy (%)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def plot_efficiency(profiles: pd.DataFrame, methods: Sequence[str] | None = None):
+    """Bars per method: trainable parameters, training step time, peak training memory."""
+    plt = _pyplot()
+    from matplotlib.ticker import EngFormatter
+
+    metrics = (
+        ("trainable_params", "trainable parameters", EngFormatter()),
+        ("step_ms", "train step (ms)", None),
+        ("peak_memory_mib", "peak memory (MiB)", None),
+    )
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    labels = _order(profiles["label"], methods) if not profiles.empty else []
+    colors = _palette(labels)
+    for ax, (column, title, formatter) in zip(axes.flat, metrics, strict=True):
+        values = []
+        if column in profiles.columns:
+            by_label = profiles.set_index("label")[column]
+            values = [(m, by_label.get(m)) for m in labels]
+        values = [(m, float(v)) for m, v in values if v is not None and not pd.isna(v)]
+        if values:
+            ax.bar(
+                [method_title(m) for m, _ in values],
+                [v for _, v in values],
+                color=[colors[m] for m, _ in values],
+            )
+            ax.tick_params(axis="x", labelrotation=30)
+            if formatter is not None:
+                ax.yaxis.set_major_formatter(formatter)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write text atomically (temporary file beside it, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_figure(fig, stem: Path) -> list[Path]:
+    """Write ``stem.png`` (150 dpi) and ``stem.pdf`` atomically, then close the figure."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for fmt in ("png", "pdf"):
+        path = stem.with_suffix(f".{fmt}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def trainable_params(runs: pd.DataFrame, profiles: pd.DataFrame) -> dict[str, float]:
+    """Trainable parameters per label: the median over its records, else its profile."""
+    counts: dict[str, float] = {}
+    if not profiles.empty and "trainable_params" in profiles.columns:
+        counts.update(profiles.set_index("label")["trainable_params"].dropna().astype(float).to_dict())
+    if "trainable_params" in runs.columns:
+        counts.update(runs.groupby("label")["trainable_params"].median().dropna().astype(float).to_dict())
+    return counts
+
+
+def summary_lines(summary: pd.DataFrame, runs: pd.DataFrame, suite: str | None = None) -> list[str]:
+    """A few lines for stdout: runs counted, best method per shot count by average accuracy."""
+    name = f"suite {suite}: " if suite else ""
+    lines = [
+        f"{name}{len(runs)} runs, {runs['label'].nunique()} methods, {runs['dataset'].nunique()} datasets, "
+        f"shots {sorted(runs['shots'].unique().tolist())}, seeds {sorted(runs['seed'].unique().tolist())}"
+    ]
+    average = summary[summary["dataset"] == AVERAGE]
+    for shots in sorted(summary["shots"].unique()):
+        rows = average[average["shots"] == shots]
+        if rows.empty:
+            lines.append(f"  {_shots_text(shots):>8}: no method has every dataset yet")
+            continue
+        best = rows.loc[rows["mean"].idxmax()]
+        lines.append(
+            f"  {_shots_text(shots):>8}: best {method_title(best['label'])} "
+            f"{format_mean_std(best['mean'], best['std'], 2)} % average over datasets"
+        )
+    return lines
+
+
+def select_runs(
+    runs: pd.DataFrame,
+    methods: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    shots: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """The runs of these method entries, datasets and shot counts (None = all); an empty result is an error."""
+    keep = pd.Series(True, index=runs.index)
+    for column, values in (("label", methods), ("dataset", datasets), ("shots", shots)):
+        if values:
+            keep &= runs[column].isin(list(values))
+    if not keep.any():
+        raise ValueError(
+            f"no run records of methods {methods}, datasets {datasets}, shots {shots}; "
+            f"the records have methods {sorted(runs['label'].unique())}, datasets {sorted(runs['dataset'].unique())}"
+        )
+    return runs[keep]
+
+
+def write_report(
+    runs: pd.DataFrame,
+    profiles: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    suite: str | None = None,
+    methods: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    shots: Sequence[int] | None = None,
+    note: str | None = None,
+) -> dict[str, Path]:
+    """Write every file of :data:`REPORT_FILES` into ``out_dir``; returns them by name."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = select_runs(runs, methods, datasets, shots)
+    methods, datasets = _order(runs["label"], methods), _order(runs["dataset"], datasets)
+    shots = _order(runs["shots"], [int(k) for k in shots] if shots else sorted(runs["shots"].unique()))
+    summary = accuracy_summary(runs)
+    title = f"suite {suite}" if suite else "benchmark"
+
+    _write_text(out / "runs.csv", runs.to_csv(index=False))
+    _write_text(out / "accuracy.csv", summary.round(4).to_csv(index=False))
+    md, tex = [], []
+    for k in shots:
+        table = accuracy_table(summary, k, methods, datasets)
+        md += [f"### {_shots_text(k)}\n", to_markdown(table)]
+        tex.append(
+            to_latex(
+                table,
+                caption=f"Top-1 accuracy (%) with {_shots_text(k)} per class, mean ± std over seeds ({title}).",
+                label=f"tab:accuracy-{suite or 'all'}-{k}shot",
+            )
+        )
+    _write_text(out / "accuracy.md", "\n".join(md))
+    _write_text(out / "accuracy.tex", "\n".join(tex))
+
+    efficiency = efficiency_table(profiles, methods)
+    _write_text(out / "efficiency.csv", profiles.to_csv(index=False))
+    _write_text(out / "efficiency.md", to_markdown(efficiency))
+    _write_text(
+        out / "efficiency.tex",
+        to_latex(
+            efficiency,
+            caption=f"Training and inference cost per method ({title}).",
+            label=f"tab:efficiency-{suite or 'all'}",
+        ),
+    )
+
+    save_figure(plot_accuracy_vs_shots(summary, methods, datasets), out / "accuracy_vs_shots")
+    save_figure(
+        plot_accuracy_vs_params(summary, trainable_params(runs, profiles), methods),
+        out / "accuracy_vs_params",
+    )
+    save_figure(plot_efficiency(profiles, methods), out / "efficiency")
+
+    lines = summary_lines(summary, runs, suite)
+    report = [f"# Report: {title}\n"]
+    if note:
+        report.append(f"> {note}\n")
+    report += ["```", *lines, "```\n", "## Accuracy\n", *md, "\n## Efficiency\n", to_markdown(efficiency)]
+    report += [
+        "\n## Figures\n",
+        "![accuracy vs shots](accuracy_vs_shots.png)\n",
+        "![accuracy vs trainable parameters](accuracy_vs_params.png)\n",
+        "![efficiency](efficiency.png)\n",
+    ]
+    _write_text(out / "report.md", "\n".join(report))
+    return {name: out / name for name in REPORT_FILES}
+
+
+# ------------------------------------------------------------------ command line
+
+
+def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``blocklora report`` on the CLI's subparsers (sets ``func`` to :func:`cmd_report`)."""
+    p = subparsers.add_parser("report", help="tables and figures of a suite from run records and profiles")
+    p.add_argument("--records", nargs="+", required=True, help="record.json files, or folders holding them")
+    p.add_argument("--profiles", nargs="*", default=[], help="profile JSON files (<method>.json), or folders")
+    p.add_argument("--out-dir", required=True, help="where the tables, figures and report.md go")
+    p.add_argument("--suite", default=None, help="suite name, for titles and labels")
+    p.add_argument("--methods", nargs="*", default=None, help="row order (and selection) of method entries")
+    p.add_argument("--datasets", nargs="*", default=None, help="column order (and selection) of datasets")
+    p.add_argument("--shots", nargs="*", type=int, default=None, help="shot counts to tabulate")
+    p.add_argument("--note", default=None, help="a sentence printed at the top of report.md")
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    runs = load_runs(args.records)
+    profiles = (
+        load_profiles(args.profiles) if args.profiles else pd.DataFrame(columns=["label", *PROFILE_FIELDS])
+    )
+    write_report(
+        runs,
+        profiles,
+        args.out_dir,
+        suite=args.suite,
+        methods=args.methods,
+        datasets=args.datasets,
+        shots=args.shots,
+        note=args.note,
+    )
+    runs = select_runs(runs, args.methods, args.datasets, args.shots)
+    print("\n".join(summary_lines(accuracy_summary(runs), runs, args.suite)))
+    print(f"report written to {args.out_dir}/report.md")
+    return 0
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m blocklora.report ARGS`` (the same arguments as ``blocklora report``)."""
+    parser = argparse.ArgumentParser(prog="blocklora report")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_report_parser(sub)
+    args = parser.parse_args(["report", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(report_main())

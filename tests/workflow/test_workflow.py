@@ -1,0 +1,217 @@
+"""The Snakemake workflow: the DAG of each suite (dry runs), lint, and config errors caught before any job.
+
+Snakemake runs as a subprocess with ``--directory`` set to a temporary folder, so its metadata and
+any output path land there, never in the repository.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+PAPER = CONFIG["suites"]["paper"]
+
+
+def snakemake(workdir: Path, *args: str, config: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m snakemake`` on the repository's Snakefile in ``workdir`` (``config`` replaces config.yaml)."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    if config is not None:
+        path = workdir / "config.test.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        command += ["--configfile", str(path)]
+    return subprocess.run(
+        [*command, *args], cwd=workdir, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The dry run's job-stats table as {rule: count}."""
+    table = output[output.index("Job stats:") :]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def outputs_of(output: str, rule: str) -> set[str]:
+    """Output paths of the jobs of ``rule`` listed by a dry run."""
+    paths = set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        if re.match(rf"(?:local)?rule {rule}:", block.strip()):
+            found = re.search(r"^\s+output: (.+)$", block, re.M)
+            if found:
+                paths.update(p.strip() for p in found[1].split(","))
+    return paths
+
+
+def failed_before_any_job(result: subprocess.CompletedProcess) -> str:
+    """The combined output of a run that failed while reading the config (no job was planned)."""
+    text = result.stdout + result.stderr
+    assert result.returncode != 0, text
+    assert "Job stats" not in text and "rule train:" not in text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def paper_dry_run(tmp_path_factory) -> str:
+    result = snakemake(tmp_path_factory.mktemp("paper"), "-n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_paper_dry_run_has_one_train_job_per_dataset_method_shots_seed(paper_dry_run):
+    counts = job_counts(paper_dry_run)
+    datasets, methods, shots, seeds = (len(PAPER[k]) for k in ("datasets", "methods", "shots", "seeds"))
+    assert counts["train"] == datasets * methods * shots * seeds == 11 * 3 * 5 * 3
+    assert counts["prepare"] == 11
+    assert counts["fewshot"] == 11 * 5 * 3
+    assert counts["profile"] == 3
+    assert counts["report"] == 1
+    assert "pretrain_demo" not in counts
+
+
+def test_paper_dry_run_lists_every_run_record_and_fewshot_file(paper_dry_run):
+    expected_records = {
+        f"results/runs/paper/{d}/{m}/shots{k}_seed{s}/record.json"
+        for d in PAPER["datasets"]
+        for m in PAPER["methods"]
+        for k in PAPER["shots"]
+        for s in PAPER["seeds"]
+    }
+    records = {p for p in outputs_of(paper_dry_run, "train") if p.endswith("record.json")}
+    assert records == expected_records
+    expected_fewshot = {
+        f"results/fewshot/{d}/shots{k}_seed{s}.json"
+        for d in PAPER["datasets"]
+        for k in PAPER["shots"]
+        for s in PAPER["seeds"]
+    }
+    assert outputs_of(paper_dry_run, "fewshot") == expected_fewshot
+    assert outputs_of(paper_dry_run, "prepare") == {f"results/data/{d}/split.json" for d in PAPER["datasets"]}
+
+
+def test_smoke_suite_builds_the_demo_backbone_and_data_first(tmp_path):
+    result = snakemake(tmp_path, "-n", "-p", "--config", "suite=smoke")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    smoke = CONFIG["suites"]["smoke"]
+    runs = len(smoke["datasets"]) * len(smoke["methods"]) * len(smoke["shots"]) * len(smoke["seeds"])
+    assert counts["train"] == runs
+    assert counts["demo_corpus"] == counts["pretrain_demo"] == 1
+    assert counts["demo_data"] == len(smoke["datasets"])
+    assert "prepare" not in counts
+    train_lines = [line for line in result.stdout.splitlines() if "blocklora.cli train" in line]
+    assert len(train_lines) == runs
+    assert all("--pretrained results/demo/backbone.pt" in line for line in train_lines)
+
+
+@pytest.mark.parametrize("suite", sorted(CONFIG["suites"]))
+def test_every_suite_builds_its_dag(tmp_path, suite):
+    result = snakemake(tmp_path, "-n", "-q", "rules", "--config", f"suite={suite}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert job_counts(result.stdout)["report"] == 1
+
+
+def test_variant_runs_its_library_method_with_its_overrides(tmp_path):
+    result = snakemake(tmp_path, "-n", "-p", "--config", "suite=ablation")
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(
+        line
+        for line in result.stdout.splitlines()
+        if "--record results/runs/ablation/dtd/blocklora_n4/" in line
+    )
+    assert "--method blocklora " in line
+    assert '"blocks": 4' in line
+
+
+def test_methods_all_means_every_method_entry(tmp_path):
+    config = copy.deepcopy(CONFIG)
+    config["suite"] = "tiny"
+    config["suites"]["tiny"] = {**config["suites"]["smoke"], "methods": "all", "hparams": {}}
+    result = snakemake(tmp_path, "-n", "-q", "rules", config=config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert job_counts(result.stdout)["profile"] == len(config["methods"])
+
+
+def test_lint_passes(tmp_path):
+    result = snakemake(tmp_path, "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unknown_suite_fails_naming_it_and_the_known_suites(tmp_path):
+    text = failed_before_any_job(snakemake(tmp_path, "-n", "--config", "suite=nosuchsuite"))
+    assert "unknown suite 'nosuchsuite'" in text
+    assert "paper" in text and "smoke" in text
+
+
+def test_unknown_method_fails_naming_it(tmp_path):
+    config = copy.deepcopy(CONFIG)
+    config["suites"]["paper"]["methods"] = ["zeroshot", "lorra"]
+    text = failed_before_any_job(snakemake(tmp_path, "-n", config=config))
+    assert "unknown method 'lorra'" in text and "suite 'paper'" in text
+    assert "blocklora" in text  # the known methods are listed
+
+
+def test_unknown_dataset_fails_naming_it(tmp_path):
+    config = copy.deepcopy(CONFIG)
+    config["suites"]["demo"]["datasets"] = ["demo_shapes", "imagenett"]
+    text = failed_before_any_job(snakemake(tmp_path, "-n", config=config))
+    assert "unknown dataset 'imagenett'" in text and "suite 'demo'" in text
+
+
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [((), "sutie"), (("suites", "paper"), "seed"), (("datasets", "dtd"), "imagedir")],
+)
+def test_misspelt_key_fails_naming_it(tmp_path, where, key):
+    config = copy.deepcopy(CONFIG)
+    node = config
+    for step in where:
+        node = node[step]
+    node[key] = 1
+    text = failed_before_any_job(snakemake(tmp_path, "-n", config=config))
+    assert f"'{key}'" in text
+
+
+def test_wrong_type_fails_naming_the_value(tmp_path):
+    config = copy.deepcopy(CONFIG)
+    config["suites"]["paper"]["shots"] = [1, "two"]
+    text = failed_before_any_job(snakemake(tmp_path, "-n", config=config))
+    assert "'two'" in text
+
+
+def test_hparams_for_a_method_the_suite_does_not_run_fail(tmp_path):
+    config = copy.deepcopy(CONFIG)
+    config["suites"]["smoke"]["hparams"]["coop"] = {"lr": 0.1}
+    text = failed_before_any_job(snakemake(tmp_path, "-n", config=config))
+    assert "'coop'" in text and "suite 'smoke'" in text
+
+
+def test_default_profile_and_archives_dir_reach_the_jobs(tmp_path):
+    result = snakemake(
+        tmp_path,
+        "-n",
+        "--workflow-profile",
+        str(REPO / "workflow" / "profiles" / "default"),
+        "--config",
+        "archives_dir=my_archives",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    prepare = [line for line in result.stdout.splitlines() if "blocklora.cli prepare" in line]
+    assert len(prepare) == len(PAPER["datasets"])
+    assert all("--archives-dir my_archives" in line for line in prepare)
+
+
+def test_config_datasets_agree_with_the_registry():
+    from blocklora.data.registry import dataset_names, get_dataset
+
+    assert set(CONFIG["datasets"]) == set(dataset_names())
+    for name, entry in CONFIG["datasets"].items():
+        spec = get_dataset(name)
+        assert entry["image_dir"] == spec.image_dir, name
+        assert entry.get("synthetic", False) == spec.synthetic, name

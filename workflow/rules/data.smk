@@ -1,0 +1,86 @@
+"""Datasets: download + verify + extract + split (`blocklora prepare`), synthetic demo data, few-shot files."""
+
+
+rule prepare:
+    output:
+        split=f"{DATA_ROOT}/{{dataset}}/split.json",
+    log:
+        f"{RESULTS}/logs/prepare/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=_regex(DOWNLOADED),
+    params:
+        data_root=lambda w, output: os.path.dirname(os.path.dirname(output.split)),
+        archives=archives_arg,
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../../envs/blocklora.yaml"
+    shell:
+        "python -m blocklora.cli prepare {wildcards.dataset} --data-root {params.data_root:q} {params.archives} > {log:q} 2>&1"
+
+
+rule demo_data:
+    output:
+        split=f"{DATA_ROOT}/{{dataset}}/split.json",
+    log:
+        f"{RESULTS}/logs/demo_data/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=_regex(SYNTHETIC),
+    params:
+        data_root=lambda w, output: os.path.dirname(os.path.dirname(output.split)),
+        seed=config.get("demo", {}).get("data_seed", 0),
+    conda:
+        "../../envs/blocklora.yaml"
+    shell:
+        "python -m blocklora.cli demo-data {wildcards.dataset} --data-root {params.data_root:q} --seed {params.seed} > {log:q} 2>&1"
+
+
+rule demo_corpus:
+    output:
+        DEMO_CORPUS,
+    log:
+        f"{RESULTS}/logs/demo/corpus.log",
+    params:
+        images=config.get("demo", {}).get("corpus_images", 8000),
+        seed=config.get("demo", {}).get("corpus_seed", 0),
+    conda:
+        "../../envs/blocklora.yaml"
+    shell:
+        "python -m blocklora.cli demo-corpus --out {output:q} --images {params.images} --seed {params.seed} > {log:q} 2>&1"
+
+
+rule pretrain_demo:
+    input:
+        corpus=DEMO_CORPUS,
+    output:
+        DEMO_CHECKPOINT,
+    log:
+        f"{RESULTS}/logs/demo/pretrain.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/demo/pretrain.tsv"
+    params:
+        backbone=config.get("demo", {}).get("backbone", "demo-tiny"),
+        options=pretrain_args,
+        device=config["device"],
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../../envs/blocklora.yaml"
+    shell:
+        "python -m blocklora.cli pretrain-demo --corpus {input.corpus:q} --backbone {params.backbone} {params.options} --device {params.device} --out {output:q} > {log:q} 2>&1"
+
+
+rule fewshot:
+    input:
+        split=f"{DATA_ROOT}/{{dataset}}/split.json",
+    output:
+        f"{RESULTS}/fewshot/{{dataset}}/shots{{shots}}_seed{{seed}}.json",
+    log:
+        f"{RESULTS}/logs/fewshot/{{dataset}}/shots{{shots}}_seed{{seed}}.log",
+    conda:
+        "../../envs/blocklora.yaml"
+    shell:
+        "python -m blocklora.cli fewshot {input.split:q} --shots {wildcards.shots} --seed {wildcards.seed} --out {output:q} > {log:q} 2>&1"

@@ -1,0 +1,29 @@
+"""One job = one (suite, dataset, method, shots, seed): train, evaluate, write the run record."""
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        record=f"{RESULTS}/runs/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}/record.json",
+        adapter=f"{RESULTS}/runs/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}/adapter.safetensors",
+    log:
+        f"{RESULTS}/logs/train/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}.tsv"
+    params:
+        method=lambda w: library_method(w.method),
+        module=lambda w: module_arg(w.method),
+        hparams=hparams_json,
+        backbone=lambda w: config["suites"][w.suite]["backbone"],
+        pretrained=lambda w: pretrained(w.suite),
+        image_root=lambda w: image_root(w.dataset),
+        device=config["device"],
+    resources:
+        gpu=resource("train", "gpu", 1),
+        mem_mb=resource("train", "mem_mb", 32000),
+        runtime=resource("train", "runtime", 240),
+    conda:
+        "../../envs/blocklora.yaml"
+    shell:
+        "python -m blocklora.cli train --suite {wildcards.suite} --method {params.method} {params.module} --dataset {wildcards.dataset} --fewshot {input.fewshot:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --hparams {params.hparams:q} --device {params.device} --record {output.record:q} --adapter {output.adapter:q} --no-progress > {log:q} 2>&1"
