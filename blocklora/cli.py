@@ -101,6 +101,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _claim_gpu_if_needed(args.device)
+    from blocklora.experiment import run_transfer
+
+    run_transfer(
+        method=args.method,
+        source=args.source,
+        source_fewshot=args.source_fewshot,
+        state=args.state,
+        target=args.dataset,
+        target_split=args.split,
+        image_root=args.image_root,
+        shots=args.shots,
+        seed=args.seed,
+        backbone=args.backbone,
+        pretrained=args.pretrained,
+        hparams=args.hparams,
+        record=args.record,
+        device=args.device,
+        suite=args.suite,
+        template=args.template,
+        module=args.module,
+        progress=not args.no_progress,
+        variant=args.name,
+    )
+    return 0
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `train` and `evaluate`: which method, which backbone, where things go."""
+    p.add_argument("--method", required=True)
+    p.add_argument("--image-root", required=True, help="folder the split's image paths are relative to")
+    p.add_argument("--shots", type=_positive_int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument(
+        "--backbone", required=True, help="open_clip model name, or a blocklora config (demo-tiny)"
+    )
+    p.add_argument("--pretrained", default=None, help="open_clip tag (openai), checkpoint file, or none")
+    p.add_argument(
+        "--hparams", type=_json_object, default={}, help="JSON object of hyper-parameter overrides"
+    )
+    p.add_argument("--record", required=True, help="where to write the run record (JSON)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--suite", default=None)
+    p.add_argument("--template", default=None, help="prompt template overriding the dataset's")
+    p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
+    p.add_argument("--name", default=None, help="label of this method variant in tables (default: --method)")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blocklora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -127,29 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fewshot)
 
     p = sub.add_parser("train", help="train and evaluate one (method, dataset, shots, seed)")
-    p.add_argument("--method", required=True)
+    _add_run_arguments(p)
     p.add_argument("--dataset", required=True)
     p.add_argument("--fewshot", required=True, help="few-shot file written by `blocklora fewshot`")
-    p.add_argument("--image-root", required=True, help="folder the few-shot file's paths are relative to")
-    p.add_argument("--shots", type=_positive_int, required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument(
-        "--backbone", required=True, help="open_clip model name, or a blocklora config (demo-tiny)"
-    )
-    p.add_argument("--pretrained", default=None, help="open_clip tag (openai), checkpoint file, or none")
-    p.add_argument(
-        "--hparams", type=_json_object, default={}, help="JSON object of hyper-parameter overrides"
-    )
-    p.add_argument("--record", required=True, help="where to write the run record (JSON)")
     p.add_argument("--adapter", required=True, help="where to write the learned state (safetensors)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--suite", default=None)
-    p.add_argument("--template", default=None, help="prompt template overriding the dataset's")
-    p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
-    p.add_argument("--name", default=None, help="label of this method variant in tables (default: --method)")
-    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--cache-dir", default=None, help="folder for reusable frozen image features")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test a method trained on one dataset on another (transfer)")
+    _add_run_arguments(p)
+    p.add_argument("--source", required=True, help="dataset the method was trained on")
+    p.add_argument("--source-fewshot", required=True, help="the few-shot file it was trained with")
+    p.add_argument("--state", required=True, help="its learned state (the train job's adapter file)")
+    p.add_argument("--dataset", required=True, help="target dataset")
+    p.add_argument("--split", required=True, help="the target's split file (its test split is used)")
+    p.set_defaults(func=cmd_evaluate)
     from blocklora.report import add_report_parser
 
     add_report_parser(sub)

@@ -10,16 +10,31 @@ import torch
 from tqdm import tqdm
 
 from blocklora.data.loading import image_loader, test_transform
+from blocklora.features import image_features
 from blocklora.train import RunContext
 
 
 @torch.no_grad()
-def evaluate(method, entries: Sequence[Sequence], image_root: str | Path, run: RunContext) -> dict:
-    """Accuracy (0..1) of ``method.eval_logits`` over ``entries``; calls ``prepare_eval`` first."""
+def evaluate(
+    method,
+    entries: Sequence[Sequence],
+    image_root: str | Path,
+    run: RunContext,
+    *,
+    label_subset: Sequence[int] | None = None,
+) -> dict:
+    """Accuracy (0..1) of ``method.eval_logits`` over ``entries``; calls ``prepare_eval`` first.
+
+    With ``label_subset`` (ImageNet-A/-R: the 200 classes they contain), only those classes'
+    logits compete for the prediction.
+    """
     started = time.perf_counter()
     hp, backbone, device = method.hp, method.backbone, run.device
     backbone.model.eval()
     method.prepare_eval()
+    if getattr(method, "eval_on_features", False):
+        correct = _correct_on_features(method, entries, image_root, run, label_subset)
+        return _result(correct, len(entries), started)
     loader = image_loader(
         entries,
         image_root,
@@ -34,10 +49,48 @@ def evaluate(method, entries: Sequence[Sequence], image_root: str | Path, run: R
         images = images.to(device, non_blocking=True)
         with precision.autocast(device):
             logits = method.eval_logits(images)
-        correct += (logits.argmax(dim=-1).cpu() == labels).sum().to(device)
-    total = len(entries)
+        correct += (predict(logits, label_subset).cpu() == labels).sum().to(device)
+    return _result(int(correct.item()), len(entries), started)
+
+
+def predict(logits: torch.Tensor, label_subset: Sequence[int] | None = None) -> torch.Tensor:
+    """Arg-max labels, restricted to ``label_subset`` when given."""
+    if label_subset is None:
+        return logits.argmax(dim=-1)
+    subset = torch.as_tensor(list(label_subset), device=logits.device)
+    return subset[logits[:, subset].argmax(dim=-1)]
+
+
+def _correct_on_features(
+    method,
+    entries: Sequence[Sequence],
+    image_root: str | Path,
+    run: RunContext,
+    label_subset: Sequence[int] | None = None,
+) -> int:
+    """Correct predictions of ``method.eval_logits_from_features`` on cached frozen test features."""
+    hp = method.hp
+    features = image_features(
+        method.backbone,
+        entries,
+        image_root,
+        augment=False,
+        run=run,
+        batch_size=hp["eval_batch_size"],
+        num_workers=hp["num_workers"],
+        precision=run.precision(hp),
+    )[0]
+    labels = torch.tensor([int(e[1]) for e in entries], device=features.device)
+    correct = torch.zeros((), dtype=torch.long, device=features.device)
+    for start in range(0, len(entries), hp["eval_batch_size"]):
+        logits = method.eval_logits_from_features(features[start : start + hp["eval_batch_size"]])
+        correct += (predict(logits, label_subset) == labels[start : start + hp["eval_batch_size"]]).sum()
+    return int(correct.item())
+
+
+def _result(correct: int, total: int, started: float) -> dict:
     return {
-        "accuracy": correct.item() / total if total else float("nan"),
+        "accuracy": correct / total if total else float("nan"),
         "test_size": total,
         "eval_seconds": time.perf_counter() - started,
     }

@@ -79,6 +79,88 @@ def count_parameters(modules: Sequence[torch.nn.Module] | torch.nn.Module) -> tu
     return trainable, sum(p.numel() for p in seen.values())
 
 
+def _start(method: str, module: str | None, hparams, device: str, seed: int, **run_kwargs):
+    method_cls = get_method(method, module)
+    hp = resolve_hparams(method_cls, hparams)
+    run = RunContext(device=resolve_device(device), seed=seed, **run_kwargs)
+    seed_everything(seed)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    return method_cls, hp, run
+
+
+def _check_image_root(image_root: str | Path, dataset: str) -> Path:
+    image_root = Path(image_root)
+    if not image_root.is_dir():
+        raise FileNotFoundError(
+            f"image folder {image_root} of dataset {dataset} does not exist; prepare the dataset"
+        )
+    return image_root
+
+
+def _record(
+    *,
+    instance,
+    run: RunContext,
+    variant: str | None,
+    suite: str | None,
+    result: dict[str, Any],
+    params: tuple[int, int],
+    stats: dict[str, Any],
+    inputs: dict[str, str],
+    pretrained_arg: str | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The run record (PROTOCOL_VERSION, hashes of the resolved config and of the inputs)."""
+    task, backbone = instance.task, instance.backbone
+    if backbone.pretrained and pretrained_arg and Path(pretrained_arg).is_file():
+        inputs = {**inputs, "pretrained": file_sha256(pretrained_arg)}
+    resolved = {
+        "method": instance.name,
+        "dataset": task.dataset,
+        "shots": task.shots,
+        "seed": task.seed,
+        "backbone": backbone.name,
+        "pretrained": backbone.pretrained,
+        "template": task.template,
+        "hparams": instance.hp,
+        **extra,
+    }
+    return {
+        "method": instance.name,
+        "variant": variant or instance.name,
+        "dataset": task.dataset,
+        "suite": suite,
+        "shots": task.shots,
+        "seed": task.seed,
+        "backbone": backbone.name,
+        "pretrained": backbone.pretrained,
+        "accuracy": result["accuracy"],
+        "num_classes": task.num_classes,
+        "test_size": result["test_size"],
+        "trainable_params": params[0],
+        "total_params": params[1],
+        "iterations": stats.get("iterations", instance.iterations()),
+        "train_seconds": stats.get("train_seconds", 0.0),
+        "eval_seconds": result["eval_seconds"],
+        "peak_memory_mib": (
+            torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda" else None
+        ),
+        "device": device_name(run.device),
+        "train_stats": {k: v for k, v in stats.items() if k not in ("iterations", "train_seconds")},
+        "hparams": instance.hp,
+        "template": task.template,
+        **extra,
+        "protocol_version": PROTOCOL_VERSION,
+        "config_hash": config_hash(resolved),
+        "inputs": inputs,
+        "inputs_hash": config_hash(inputs),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "created": now(),
+    }
+
+
 def run_experiment(
     *,
     method: str,
@@ -103,14 +185,17 @@ def run_experiment(
     """Train and evaluate one run; write the state file, then the record (both atomically)."""
     if shots <= 0:
         raise ValueError(f"shots must be a positive integer, got {shots}")
-    method_cls = get_method(method, module)
-    hp = resolve_hparams(method_cls, hparams)
+    method_cls, hp, run = _start(
+        method,
+        module,
+        hparams,
+        device,
+        seed,
+        progress=progress,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        checkpoint=checkpoint_path(record),
+    )
     splits = read_fewshot(fewshot)
-    image_root = Path(image_root)
-    if not image_root.is_dir():
-        raise FileNotFoundError(
-            f"image folder {image_root} of dataset {dataset} does not exist; prepare the dataset"
-        )
     task = FewShotTask(
         dataset=dataset,
         classnames=class_names(splits, fewshot),
@@ -118,82 +203,32 @@ def run_experiment(
         train=splits["train"],
         val=splits["val"],
         test=splits["test"],
-        image_root=image_root,
+        image_root=_check_image_root(image_root, dataset),
         shots=shots,
         seed=seed,
     )
-    run = RunContext(
-        device=resolve_device(device),
-        seed=seed,
-        progress=progress,
-        cache_dir=Path(cache_dir) if cache_dir else None,
-        checkpoint=checkpoint_path(record),
-    )
-    seed_everything(seed)
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
     loaded = load_backbone(backbone, pretrained, device=run.device)
     loaded.model.requires_grad_(False)
     instance = method_cls(loaded, task, hp)
     instance.setup()
-    trainable, total = count_parameters([loaded.model, *instance.extra_modules()])
+    params = count_parameters([loaded.model, *instance.extra_modules()])
     log.info(
-        "%s on %s, %d shots, seed %d: %d trainable of %d parameters",
-        method,
-        dataset,
-        shots,
-        seed,
-        trainable,
-        total,
+        "%s on %s, %d shots, seed %d: %d trainable of %d parameters", method, dataset, shots, seed, *params
     )
     stats = instance.fit(run)
     instance.save(adapter, dataset=dataset, shots=shots, seed=seed)
     result = evaluate(instance, task.test, task.image_root, run)
-    inputs = {"fewshot": file_sha256(fewshot)}
-    if loaded.pretrained and Path(str(pretrained)).is_file():
-        inputs["pretrained"] = file_sha256(pretrained)
-    resolved = {
-        "method": method,
-        "dataset": dataset,
-        "shots": shots,
-        "seed": seed,
-        "backbone": backbone,
-        "pretrained": loaded.pretrained,
-        "template": task.template,
-        "hparams": hp,
-    }
-    rec = {
-        "method": method,
-        "variant": variant or method,
-        "dataset": dataset,
-        "suite": suite,
-        "shots": shots,
-        "seed": seed,
-        "backbone": backbone,
-        "pretrained": loaded.pretrained,
-        "accuracy": result["accuracy"],
-        "num_classes": task.num_classes,
-        "test_size": result["test_size"],
-        "trainable_params": trainable,
-        "total_params": total,
-        "iterations": stats.get("iterations", instance.iterations()),
-        "train_seconds": stats.get("train_seconds", 0.0),
-        "eval_seconds": result["eval_seconds"],
-        "peak_memory_mib": (
-            torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda" else None
-        ),
-        "device": device_name(run.device),
-        "train_stats": {k: v for k, v in stats.items() if k not in ("iterations", "train_seconds")},
-        "hparams": hp,
-        "template": task.template,
-        "protocol_version": PROTOCOL_VERSION,
-        "config_hash": config_hash(resolved),
-        "inputs": inputs,
-        "inputs_hash": config_hash(inputs),
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "created": now(),
-    }
+    rec = _record(
+        instance=instance,
+        run=run,
+        variant=variant,
+        suite=suite,
+        result=result,
+        params=params,
+        stats=stats,
+        inputs={"fewshot": file_sha256(fewshot)},
+        pretrained_arg=pretrained,
+    )
     write_json(record, rec)
     if run.checkpoint is not None:
         run.checkpoint.unlink(missing_ok=True)
@@ -204,5 +239,117 @@ def run_experiment(
         shots,
         seed,
         100 * rec["accuracy"],
+    )
+    return rec
+
+
+def transfer_task(
+    *,
+    source: str,
+    source_fewshot: str | Path,
+    target: str,
+    target_split: str | Path,
+    image_root: Path,
+    shots: int,
+    seed: int,
+    template: str | None,
+) -> tuple[FewShotTask, list[int] | None, bool]:
+    """The task a source-trained method is tested on; (task, label subset, same label space).
+
+    A target labelled with ImageNet indices (V2, Sketch, A, R) keeps the source's 1000 class names
+    when the source is ImageNet, and ImageNet-A/-R are scored on the classes they contain. Any other
+    target brings its own classes, which only class-agnostic methods can handle.
+    """
+    from blocklora.data.registry import get_dataset
+
+    source_splits = read_fewshot(source_fewshot)
+    target_splits = read_fewshot(target_split)
+    same_labels = get_dataset(target).imagenet_labels and (
+        source == "imagenet" or get_dataset(source).imagenet_labels
+    )
+    if same_labels:
+        names = class_names(source_splits, source_fewshot)
+        present = sorted({int(e[1]) for e in target_splits["test"]})
+        subset = present if len(present) < len(names) else None
+    else:
+        names = class_names({"test": target_splits["test"]}, target_split)
+        subset = None
+    task = FewShotTask(
+        dataset=target,
+        classnames=names,
+        template=template or dataset_template(target),
+        train=[],
+        val=[],
+        test=target_splits["test"],
+        image_root=image_root,
+        shots=shots,
+        seed=seed,
+        extra={"source_dataset": source},
+    )
+    return task, subset, bool(same_labels)
+
+
+def run_transfer(
+    *,
+    method: str,
+    source: str,
+    source_fewshot: str | Path,
+    state: str | Path,
+    target: str,
+    target_split: str | Path,
+    image_root: str | Path,
+    shots: int,
+    seed: int,
+    backbone: str,
+    pretrained: str | None,
+    hparams: dict[str, Any] | None = None,
+    record: str | Path,
+    device: str = "auto",
+    suite: str | None = None,
+    template: str | None = None,
+    module: str | None = None,
+    progress: bool = True,
+    variant: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a method trained on ``source`` (its saved state) on ``target``'s full test split."""
+    method_cls, hp, run = _start(method, module, hparams, device, seed, progress=progress)
+    task, subset, same_labels = transfer_task(
+        source=source,
+        source_fewshot=source_fewshot,
+        target=target,
+        target_split=target_split,
+        image_root=_check_image_root(image_root, target),
+        shots=shots,
+        seed=seed,
+        template=template,
+    )
+    if not same_labels and not method_cls.class_agnostic:
+        raise ValueError(
+            f"method {method!r} learns parameters tied to {source}'s classes, so it cannot be tested on "
+            f"{target}, which has other classes; drop it from this suite's methods"
+        )
+    loaded = load_backbone(backbone, pretrained, device=run.device)
+    loaded.model.requires_grad_(False)
+    instance = method_cls(loaded, task, hp)
+    instance.setup()
+    params = count_parameters([loaded.model, *instance.extra_modules()])
+    instance.load(state)
+    result = evaluate(instance, task.test, task.image_root, run, label_subset=subset)
+    rec = _record(
+        instance=instance,
+        run=run,
+        variant=variant,
+        suite=suite,
+        result=result,
+        params=params,
+        stats={"iterations": 0, "train_seconds": 0.0},
+        inputs={"source_fewshot": file_sha256(source_fewshot), "state": file_sha256(state)},
+        pretrained_arg=pretrained,
+        source_dataset=source,
+        label_subset=len(subset) if subset else None,
+    )
+    write_json(record, rec)
+    log.info(
+        "%s trained on %s, tested on %s: accuracy %.2f %%", method, source, target, 100 * rec["accuracy"]
     )
     return rec

@@ -81,6 +81,9 @@ class Method:
     summary: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     base_defaults: ClassVar[dict[str, Any]] = TRAIN_DEFAULTS
+    # True when nothing learned is tied to the training classes (adapters, prompt context), so
+    # the method can be tested on a dataset with other classes (cross-dataset transfer).
+    class_agnostic: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, task: FewShotTask, hparams: dict[str, Any]) -> None:
         self.backbone = backbone

@@ -18,6 +18,7 @@ ADAPTER_KEYS = ("rank", "alpha", "dropout", "scaling", "targets", "encoders", "l
 @register_method
 class LoRA(Method):
     name = "lora"
+    class_agnostic = True
     summary = "LoRA on q, k, v of both encoders, r=2, alpha=1, s=alpha/sqrt(r) (CLIP-LoRA)"
     defaults: ClassVar[dict[str, Any]] = {
         "rank": 2,

@@ -12,6 +12,7 @@ from blocklora.methods import EVAL_DEFAULTS, Method, register_method
 @register_method
 class ZeroShot(Method):
     name = "zeroshot"
+    class_agnostic = True
     summary = "zero-shot CLIP with the dataset's prompt template (PROTOCOL.md §4)"
     base_defaults = EVAL_DEFAULTS
     defaults: ClassVar[dict[str, Any]] = {"template": None}

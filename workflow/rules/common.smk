@@ -52,7 +52,7 @@ def check_config() -> None:
             f"known suites: {_known(suites)}"
         )
     for name, suite in suites.items():
-        for dataset in suite["datasets"]:
+        for dataset in [*suite["datasets"], *suite.get("targets", [])]:
             if dataset not in datasets:
                 raise WorkflowError(
                     f"suite {name!r} names unknown dataset {dataset!r}; "
@@ -97,6 +97,8 @@ DOWNLOADED = [name for name, spec in config["datasets"].items() if not spec.get(
 wildcard_constraints:
     suite=_regex(config["suites"]),
     dataset=_regex(config["datasets"]),
+    source=_regex(config["datasets"]),
+    target=_regex(config["datasets"]),
     method=_regex(config["methods"]),
     shots=r"\d+",
     seed=r"\d+",
@@ -134,6 +136,23 @@ def suite_records(suite: str) -> list[str]:
     return [
         f"{run_dir(suite, dataset, method, shots, seed)}/record.json"
         for dataset in s["datasets"]
+        for method in suite_methods(suite)
+        for shots in s["shots"]
+        for seed in s["seeds"]
+    ]
+
+
+def transfer_dir(suite: str, source: str, target: str, method: str, shots, seed) -> str:
+    return f"{RESULTS}/runs/{suite}/{target}/{method}/shots{shots}_seed{seed}_from_{source}"
+
+
+def suite_transfer_records(suite: str) -> list[str]:
+    """Each trained run of the suite tested on each of its `targets:`."""
+    s = config["suites"][suite]
+    return [
+        f"{transfer_dir(suite, source, target, method, shots, seed)}/record.json"
+        for source in s["datasets"]
+        for target in s.get("targets", [])
         for method in suite_methods(suite)
         for shots in s["shots"]
         for seed in s["seeds"]
@@ -184,6 +203,16 @@ def checkpoint_inputs(suite: str) -> list[str]:
     return []
 
 
+def transfer_inputs(wildcards) -> dict:
+    w = wildcards
+    return {
+        "state": f"{run_dir(w.suite, w.source, w.method, w.shots, w.seed)}/adapter.safetensors",
+        "source_fewshot": fewshot_file(w.source, w.shots, w.seed),
+        "split": split_file(w.target),
+        "checkpoint": checkpoint_inputs(w.suite),
+    }
+
+
 def train_inputs(wildcards) -> dict:
     return {
         "split": split_file(wildcards.dataset),
@@ -201,7 +230,10 @@ def resource(kind: str, key: str, default: int) -> int:
 
 
 def report_inputs(wildcards) -> dict:
-    return {"records": suite_records(wildcards.suite), "profiles": suite_profiles(wildcards.suite)}
+    return {
+        "records": suite_records(wildcards.suite) + suite_transfer_records(wildcards.suite),
+        "profiles": suite_profiles(wildcards.suite),
+    }
 
 
 def report_args(wildcards) -> str:
@@ -212,6 +244,7 @@ def report_args(wildcards) -> str:
         *suite_methods(wildcards.suite),
         "--datasets",
         *s["datasets"],
+        *s.get("targets", []),
         "--shots",
         *map(str, s["shots"]),
     ]

@@ -19,6 +19,7 @@ rule train:
         pretrained=lambda w: pretrained(w.suite),
         image_root=lambda w: image_root(w.dataset),
         device=config["device"],
+        cache_dir=f"{RESULTS}/cache",
     resources:
         gpu=resource("train", "gpu", 1),
         mem_mb=resource("train", "mem_mb", 32000),
@@ -26,4 +27,31 @@ rule train:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli train --suite {wildcards.suite} --method {params.method} {params.module} --dataset {wildcards.dataset} --fewshot {input.fewshot:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --hparams {params.hparams:q} --device {params.device} --record {output.record:q} --adapter {output.adapter:q} --no-progress > {log:q} 2>&1"
+        "python -m blocklora.cli train --suite {wildcards.suite} --method {params.method} {params.module} --dataset {wildcards.dataset} --fewshot {input.fewshot:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --hparams {params.hparams:q} --device {params.device} --record {output.record:q} --adapter {output.adapter:q} --name {wildcards.method} --cache-dir {params.cache_dir:q} --no-progress > {log:q} 2>&1"
+
+
+rule transfer:
+    input:
+        unpack(transfer_inputs),
+    output:
+        record=f"{RESULTS}/runs/{{suite}}/{{target}}/{{method}}/shots{{shots}}_seed{{seed}}_from_{{source}}/record.json",
+    log:
+        f"{RESULTS}/logs/transfer/{{suite}}/{{target}}/{{method}}/shots{{shots}}_seed{{seed}}_from_{{source}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/transfer/{{suite}}/{{target}}/{{method}}/shots{{shots}}_seed{{seed}}_from_{{source}}.tsv"
+    params:
+        method=lambda w: library_method(w.method),
+        module=lambda w: module_arg(w.method),
+        hparams=hparams_json,
+        backbone=lambda w: config["suites"][w.suite]["backbone"],
+        pretrained=lambda w: pretrained(w.suite),
+        image_root=lambda w: image_root(w.target),
+        device=config["device"],
+    resources:
+        gpu=resource("train", "gpu", 1),
+        mem_mb=resource("train", "mem_mb", 32000),
+        runtime=resource("train", "runtime", 240),
+    conda:
+        "../../envs/blocklora.yaml"
+    shell:
+        "python -m blocklora.cli evaluate --suite {wildcards.suite} --method {params.method} {params.module} --name {wildcards.method} --source {wildcards.source} --source-fewshot {input.source_fewshot:q} --state {input.state:q} --dataset {wildcards.target} --split {input.split:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --hparams {params.hparams:q} --device {params.device} --record {output.record:q} --no-progress > {log:q} 2>&1"

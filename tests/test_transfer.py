@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+
+from blocklora.data.registry import DatasetSpec, register
+from blocklora.evaluate import predict
+from blocklora.experiment import run_experiment, run_transfer
+from blocklora.methods.lora import LoRA
+
+FAST = {
+    "iterations": 60,
+    "lr": 5e-3,
+    "rank": 4,
+    "batch_size": 16,
+    "dropout": 0.0,
+    "num_workers": 0,
+    "blocks": 4,
+}
+
+
+def _target_split(toy_dataset, tmp_path):
+    """Red and blue only, relabelled 0 and 1: a dataset with other classes than the source."""
+    _, fewshot = toy_dataset
+    full = json.loads(fewshot.read_text())
+    relabel = {"red": 0, "blue": 1}
+    test = [[p, relabel[name], name] for p, _, name in full["test"] if name in relabel]
+    path = tmp_path / "target_split.json"
+    path.write_text(json.dumps({"train": [], "val": [], "test": test}))
+    return path
+
+
+@pytest.fixture
+def trained(tiny_config, tiny_checkpoint, toy_dataset, tmp_path):
+    for name in ("toy_source", "toy_target"):
+        register(
+            DatasetSpec(name=name, title=name, template="a photo of a {}.", image_dir="images", num_classes=4)
+        )
+    images, fewshot = toy_dataset
+    run_experiment(
+        method="blocklora", dataset="toy_source", fewshot=fewshot, image_root=images, shots=12, seed=1,
+        backbone=tiny_config, pretrained=str(tiny_checkpoint), hparams=FAST, record=tmp_path / "src.json",
+        adapter=tmp_path / "src.safetensors", device="cpu", progress=False,
+    )  # fmt: skip
+    return tmp_path / "src.safetensors"
+
+
+def _transfer(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, state, method="blocklora"):
+    images, fewshot = toy_dataset
+    return run_transfer(
+        method=method, source="toy_source", source_fewshot=fewshot, state=state, target="toy_target",
+        target_split=_target_split(toy_dataset, tmp_path), image_root=images, shots=12, seed=1,
+        backbone=tiny_config, pretrained=str(tiny_checkpoint), hparams=FAST, record=tmp_path / "dst.json",
+        device="cpu", progress=False,
+    )  # fmt: skip
+
+
+def test_a_class_agnostic_method_transfers_to_a_dataset_with_other_classes(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, trained
+):
+    record = _transfer(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, trained)
+    assert record["dataset"] == "toy_target" and record["source_dataset"] == "toy_source"
+    assert record["num_classes"] == 2 and record["test_size"] == 16
+    assert record["accuracy"] >= 0.75
+    assert json.loads((tmp_path / "dst.json").read_text())["inputs"]["state"]
+
+
+def test_a_class_specific_method_is_refused_on_other_classes(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, trained, monkeypatch
+):
+    monkeypatch.setattr(LoRA, "class_agnostic", False)
+    with pytest.raises(ValueError, match="tied to toy_source's classes"):
+        _transfer(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, trained)
+
+
+def test_predictions_can_be_restricted_to_a_label_subset():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [3.0, 0.0, 9.0, 1.0]])
+    assert predict(logits).tolist() == [1, 2]
+    assert predict(logits, [0, 3]).tolist() == [3, 0]
