@@ -34,7 +34,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for name in method_names():
         cls = get_method(name)
         print(f"{name:16s} {cls.summary}")
-        if args.verbose:
+        if args.defaults:
             print(f"{'':16s} defaults: {json.dumps(cls.all_defaults())}")
     return 0
 
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list the registered methods")
+    p.add_argument("--defaults", action="store_true", help="also print each method's hyper-parameters")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("datasets", help="list the registered datasets")
