@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from blocklora.data.loading import image_loader, test_transform
+from blocklora.data.loading import eval_transform, image_loader
 from blocklora.features import image_features
 from blocklora.train import RunContext
 
@@ -38,7 +38,7 @@ def evaluate(
     loader = image_loader(
         entries,
         image_root,
-        test_transform(backbone.image_size, backbone.mean, backbone.std),
+        eval_transform(backbone.image_size, backbone.mean, backbone.std),
         batch_size=hp["eval_batch_size"],
         num_workers=hp["num_workers"],
         device=device,

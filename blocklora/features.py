@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from blocklora.clip import Backbone
-from blocklora.data.loading import ImageList, image_loader, read_image, test_transform, train_transform
+from blocklora.data.loading import ImageList, eval_transform, image_loader, read_image, train_transform
 from blocklora.io import read_tensors, write_tensors
 from blocklora.methods.base import EVAL_DEFAULTS, Method
 from blocklora.train import Precision, RunContext, cosine_lr, make_optimizer
@@ -214,7 +214,7 @@ def image_features(
                     pin_memory=run.device.type == "cuda",
                 )
             else:
-                transform = test_transform(backbone.image_size, backbone.mean, backbone.std)
+                transform = eval_transform(backbone.image_size, backbone.mean, backbone.std)
                 loader = image_loader(
                     entries,
                     image_root,

@@ -42,7 +42,7 @@ def read_image(path: Path) -> Image.Image:
         ) from exc
 
 
-def test_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     """Resize the short side to ``size`` (bicubic), center-crop, normalize."""
     return T.Compose(
         [

@@ -108,7 +108,7 @@ def test_unaugmented_features_are_the_normalized_test_view_and_ignore_the_seed(t
     loader = loading.image_loader(
         entries,
         images,
-        loading.test_transform(backbone.image_size, backbone.mean, backbone.std),
+        loading.eval_transform(backbone.image_size, backbone.mean, backbone.std),
         batch_size=64,
         num_workers=0,
         device=torch.device("cpu"),
