@@ -32,7 +32,7 @@ def _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, method, hparams, *
         dataset="toy",
         fewshot=fewshot,
         image_root=images,
-        shots=12,
+        shots=kwargs.pop("shots", 12),
         seed=kwargs.pop("seed", 1),
         backbone=tiny_config,
         pretrained=str(tiny_checkpoint),
@@ -172,3 +172,17 @@ def test_records_carry_hashes_of_their_config_and_inputs(tiny_config, tiny_check
     assert a["config_hash"] == b["config_hash"] != c["config_hash"]
     assert a["inputs_hash"] == c["inputs_hash"]
     assert set(a["inputs"]) == {"fewshot", "pretrained"}
+
+
+def test_non_positive_shots_and_a_missing_image_folder_are_named(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path
+):
+    with pytest.raises(ValueError, match="shots must be a positive integer, got 0"):
+        _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", FAST, shots=0)
+    _, fewshot = toy_dataset
+    with pytest.raises(FileNotFoundError, match=r"image folder .*nowhere of dataset toy does not exist"):
+        run_experiment(
+            method="lora", dataset="toy", fewshot=fewshot, image_root=tmp_path / "nowhere", shots=1, seed=1,
+            backbone=tiny_config, pretrained=str(tiny_checkpoint), record=tmp_path / "r.json",
+            adapter=tmp_path / "a.safetensors", device="cpu", template="{}",
+        )  # fmt: skip
