@@ -76,6 +76,7 @@ def _claim_gpu_if_needed(device: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _claim_gpu_if_needed(args.device)
+    _set_threads(args.threads)
     from blocklora.experiment import run_experiment
 
     run_experiment(
@@ -103,6 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _claim_gpu_if_needed(args.device)
+    _set_threads(args.threads)
     from blocklora.experiment import run_transfer
 
     run_transfer(
@@ -129,6 +131,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    _claim_gpu_if_needed(args.device)
+    _set_threads(args.threads)
+    from blocklora.profiling import profile_method
+
+    profile_method(
+        args.method,
+        args.backbone,
+        args.pretrained,
+        num_classes=args.classes,
+        hparams=args.hparams,
+        batch_size=args.batch_size,
+        device=args.device,
+        warmup=args.warmup,
+        steps=args.steps,
+        module=args.module,
+        name=args.name,
+        seed=args.seed,
+        out=args.out,
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from blocklora.report import build_report
+
+    lines = build_report(
+        args.records,
+        args.profiles,
+        args.out_dir,
+        suite=args.suite,
+        methods=args.methods,
+        datasets=args.datasets,
+        shots=args.shots,
+        note=args.note,
+    )
+    print("\n".join(lines))
+    return 0
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared by `train` and `evaluate`: which method, which backbone, where things go."""
     p.add_argument("--method", required=True)
@@ -149,6 +191,14 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
     p.add_argument("--name", default=None, help="label of this method variant in tables (default: --method)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: all)")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,9 +243,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="target dataset")
     p.add_argument("--split", required=True, help="the target's split file (its test split is used)")
     p.set_defaults(func=cmd_evaluate)
-    from blocklora.report import add_report_parser
+    p = sub.add_parser("profile", help="parameters, FLOPs, step time, memory and latency of one method")
+    p.add_argument("--method", required=True)
+    p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
+    p.add_argument("--name", default=None, help="label of the profile (config entry); default: the method")
+    p.add_argument("--backbone", required=True, help="open_clip model name, or a blocklora config")
+    p.add_argument("--pretrained", default=None, help="open_clip tag, checkpoint file, or none")
+    p.add_argument("--classes", type=_positive_int, required=True, help="classes of the synthetic task")
+    p.add_argument(
+        "--hparams", type=_json_object, default={}, help="JSON object of hyper-parameter overrides"
+    )
+    p.add_argument("--out", required=True, help="where to write the profile (JSON)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the method's batch_size")
+    p.add_argument("--steps", type=_positive_int, default=20, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: all)")
+    p.set_defaults(func=cmd_profile)
 
-    add_report_parser(sub)
+    p = sub.add_parser("report", help="tables and figures of a suite from run records and profiles")
+    p.add_argument("--records", nargs="+", required=True, help="record.json files, or folders holding them")
+    p.add_argument("--profiles", nargs="*", default=[], help="profile JSON files, or folders holding them")
+    p.add_argument("--out-dir", required=True, help="where the tables, figures and report.md go")
+    p.add_argument("--suite", default=None, help="suite name, for titles and labels")
+    p.add_argument("--methods", nargs="*", default=None, help="row order (and selection) of method entries")
+    p.add_argument("--datasets", nargs="*", default=None, help="column order (and selection) of datasets")
+    p.add_argument("--shots", nargs="*", type=int, default=None, help="shot counts to tabulate")
+    p.add_argument("--note", default=None, help="a sentence printed at the top of report.md")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -12,13 +12,11 @@ the record lives in, else its ``method``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -595,50 +593,22 @@ def write_report(
 # ------------------------------------------------------------------ command line
 
 
-def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``blocklora report`` on the CLI's subparsers (sets ``func`` to :func:`cmd_report`)."""
-    p = subparsers.add_parser("report", help="tables and figures of a suite from run records and profiles")
-    p.add_argument("--records", nargs="+", required=True, help="record.json files, or folders holding them")
-    p.add_argument("--profiles", nargs="*", default=[], help="profile JSON files (<method>.json), or folders")
-    p.add_argument("--out-dir", required=True, help="where the tables, figures and report.md go")
-    p.add_argument("--suite", default=None, help="suite name, for titles and labels")
-    p.add_argument("--methods", nargs="*", default=None, help="row order (and selection) of method entries")
-    p.add_argument("--datasets", nargs="*", default=None, help="column order (and selection) of datasets")
-    p.add_argument("--shots", nargs="*", type=int, default=None, help="shot counts to tabulate")
-    p.add_argument("--note", default=None, help="a sentence printed at the top of report.md")
-    p.set_defaults(func=cmd_report)
-    return p
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    runs = load_runs(args.records)
-    profiles = (
-        load_profiles(args.profiles) if args.profiles else pd.DataFrame(columns=["label", *PROFILE_FIELDS])
-    )
+def build_report(
+    records: Sequence[str | Path],
+    profiles: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    suite: str | None = None,
+    methods: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    shots: Sequence[int] | None = None,
+    note: str | None = None,
+) -> list[str]:
+    """Everything ``blocklora report`` does: write the report and return its summary lines."""
+    runs = load_runs(records)
+    profile_table = load_profiles(profiles) if profiles else pd.DataFrame(columns=["label", *PROFILE_FIELDS])
     write_report(
-        runs,
-        profiles,
-        args.out_dir,
-        suite=args.suite,
-        methods=args.methods,
-        datasets=args.datasets,
-        shots=args.shots,
-        note=args.note,
+        runs, profile_table, out_dir, suite=suite, methods=methods, datasets=datasets, shots=shots, note=note
     )
-    runs = select_runs(runs, args.methods, args.datasets, args.shots)
-    print("\n".join(summary_lines(accuracy_summary(runs), runs, args.suite)))
-    print(f"report written to {args.out_dir}/report.md")
-    return 0
-
-
-def report_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m blocklora.report ARGS`` (the same arguments as ``blocklora report``)."""
-    parser = argparse.ArgumentParser(prog="blocklora report")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_report_parser(sub)
-    args = parser.parse_args(["report", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(report_main())
+    runs = select_runs(runs, methods, datasets, shots)
+    return [*summary_lines(accuracy_summary(runs), runs, suite), f"report written to {out_dir}/report.md"]

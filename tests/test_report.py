@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from blocklora import report
+from blocklora.cli import main as cli_main
 
 DATASETS = ["caltech101", "dtd", "eurosat"]
 METHODS = ["zeroshot", "lora", "blocklora"]
@@ -242,8 +243,9 @@ def test_report_cli_prints_a_summary(tmp_path, capsys):
     write_records(tmp_path / "results")
     profile_paths = write_profiles(tmp_path / "results")
     out = tmp_path / "report"
-    code = report.report_main(
+    code = cli_main(
         [
+            "report",
             "--suite",
             "paper",
             "--records",

@@ -18,6 +18,7 @@ rule profile:
         pretrained=lambda w: pretrained(w.suite),
         classes=lambda w: config["suites"][w.suite]["profile_classes"],
         device=config["device"],
+    threads: resource("profile", "threads", 1)
     resources:
         gpu=resource("profile", "gpu", 1),
         mem_mb=resource("profile", "mem_mb", 32000),
@@ -25,4 +26,4 @@ rule profile:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli profile --method {params.method} {params.module} --name {wildcards.method} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --classes {params.classes} --hparams {params.hparams:q} --device {params.device} --out {output:q} > {log:q} 2>&1"
+        "python -m blocklora.cli profile --method {params.method} {params.module} --name {wildcards.method} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --classes {params.classes} --hparams {params.hparams:q} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"

@@ -20,6 +20,7 @@ rule train:
         image_root=lambda w: image_root(w.dataset),
         device=config["device"],
         cache_dir=f"{RESULTS}/cache",
+    threads: resource("train", "threads", 1)
     resources:
         gpu=resource("train", "gpu", 1),
         mem_mb=resource("train", "mem_mb", 32000),
@@ -27,7 +28,7 @@ rule train:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli train --suite {wildcards.suite} --method {params.method} {params.module} --dataset {wildcards.dataset} --fewshot {input.fewshot:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --hparams {params.hparams:q} --device {params.device} --record {output.record:q} --adapter {output.adapter:q} --name {wildcards.method} --cache-dir {params.cache_dir:q} --no-progress > {log:q} 2>&1"
+        "python -m blocklora.cli train --suite {wildcards.suite} --method {params.method} {params.module} --dataset {wildcards.dataset} --fewshot {input.fewshot:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --hparams {params.hparams:q} --device {params.device} --record {output.record:q} --adapter {output.adapter:q} --name {wildcards.method} --cache-dir {params.cache_dir:q} --threads {threads} --no-progress > {log:q} 2>&1"
 
 
 rule transfer:
@@ -47,6 +48,7 @@ rule transfer:
         pretrained=lambda w: pretrained(w.suite),
         image_root=lambda w: image_root(w.target),
         device=config["device"],
+    threads: resource("train", "threads", 1)
     resources:
         gpu=resource("train", "gpu", 1),
         mem_mb=resource("train", "mem_mb", 32000),
@@ -54,4 +56,4 @@ rule transfer:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli evaluate --suite {wildcards.suite} --method {params.method} {params.module} --name {wildcards.method} --source {wildcards.source} --source-fewshot {input.source_fewshot:q} --state {input.state:q} --dataset {wildcards.target} --split {input.split:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --hparams {params.hparams:q} --device {params.device} --record {output.record:q} --no-progress > {log:q} 2>&1"
+        "python -m blocklora.cli evaluate --suite {wildcards.suite} --method {params.method} {params.module} --name {wildcards.method} --source {wildcards.source} --source-fewshot {input.source_fewshot:q} --state {input.state:q} --dataset {wildcards.target} --split {input.split:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --hparams {params.hparams:q} --device {params.device} --record {output.record:q} --threads {threads} --no-progress > {log:q} 2>&1"

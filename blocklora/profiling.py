@@ -1,0 +1,401 @@
+"""Efficiency of a method: parameters, training FLOPs, step time, peak memory, inference latency.
+
+A method is profiled on a synthetic task (classes "class 0", "class 1", …, random images), so no
+dataset is needed. The training step is the body of :func:`blocklora.train.train_loop` on one
+fixed batch: autocast per the method's precision, ``train_logits``, cross-entropy, backward,
+optimizer step (data augmentation and the learning-rate schedule are left out). Inference is
+``eval_logits`` after ``prepare_eval`` (merged adapters) against the frozen backbone (image
+encoder + the same-shaped text classifier), timed interleaved on one batch.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (one multiply-add = 2 FLOPs)
+with the ``nn.MultiheadAttention`` fast path off and the math SDPA backend, without which the
+attention matmuls are not counted (PROTOCOL.md §7). Methods without a step of the generic loop
+(no ``train_logits``: ``zeroshot``, ``clip_adapter``, which trains on cached features) get ``None``
+for FLOPs, step time and training peak memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from blocklora.clip import encode_text, load_backbone
+from blocklora.experiment import count_parameters
+from blocklora.io import write_json
+from blocklora.methods import FewShotTask, Method, get_method, resolve_hparams
+from blocklora.records import device_name, now, package_versions
+from blocklora.train import Precision, make_optimizer, resolve_device, seed_everything
+
+log = logging.getLogger("blocklora")
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+# ------------------------------------------------------------------ measuring tools
+
+
+@contextlib.contextmanager
+def counted_attention() -> Iterator[None]:
+    """MHA fast path off and the math SDPA backend, so that FlopCounterMode sees the attention."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of everything ``fn`` runs (forward and, if it calls it, backward), attention included."""
+    with counted_attention(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int, steps: int) -> list[float]:
+    """Milliseconds of each of ``steps`` calls after ``warmup`` untimed ones (CUDA events on GPU)."""
+    return time_interleaved({"fn": fn}, device, warmup=warmup, steps=steps)["fn"]
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]], device: torch.device, *, warmup: int, steps: int
+) -> dict[str, list[float]]:
+    """Milliseconds per call of several callables timed in alternating order, after a warm-up.
+
+    Alternating spreads drifts (clocks, heat, caches) evenly over them. On CUDA each call sits
+    between two events on the current stream and everything is read after one synchronization;
+    on the CPU each call is timed with ``perf_counter``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    synchronize(device)
+    results: dict[str, list[float]] = {name: [] for name in names}
+    events: list[tuple[str, Any, Any]] = []
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    begin = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    begin.record()
+                    fns[name]()
+                    end.record()
+                events.append((name, begin, end))
+            else:
+                started = time.perf_counter()
+                fns[name]()
+                results[name].append((time.perf_counter() - started) * 1e3)
+    synchronize(device)
+    for name, begin, end in events:
+        results[name].append(begin.elapsed_time(end))
+    return results
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ------------------------------------------------------------------ the method's training step
+
+
+def has_generic_step(method: Method | type[Method]) -> bool:
+    """True when the method has a training step for the generic loop: it implements ``train_logits``.
+
+    Methods that train otherwise (on cached features, or not at all, such as ``zeroshot`` and
+    ``clip_adapter``) leave :meth:`Method.train_logits` alone. A method may wrap the generic loop
+    in its own ``fit`` (``coop`` does) and still counts.
+    """
+    cls = method if isinstance(method, type) else type(method)
+    return cls.train_logits is not Method.train_logits
+
+
+class TrainStep:
+    """One iteration of the body of :func:`blocklora.train.train_loop` on a fixed batch."""
+
+    def __init__(
+        self, method: Method, images: torch.Tensor, labels: torch.Tensor, device: torch.device
+    ) -> None:
+        self.method, self.images, self.labels, self.device = method, images, labels, device
+        self.params = method.trainable_parameters()
+        if not self.params:
+            raise RuntimeError(f"method {method.name!r} has no trainable parameters")
+        self.optimizer = make_optimizer(self.params, method.hp)
+        self.precision = Precision.resolve(method.hp.get("precision", "auto"), device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.scaler)
+
+    def loss(self) -> torch.Tensor:
+        with self.precision.autocast(self.device):
+            logits = self.method.train_logits(self.images)
+            return F.cross_entropy(logits.float(), self.labels)
+
+    def forward_backward(self) -> None:
+        """Forward and backward only (what FLOPs are counted on); gradients are dropped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(self.loss()).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self) -> torch.Tensor:
+        loss = self.loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def close(self) -> None:
+        """Free the gradients and the optimizer state."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+
+
+# ------------------------------------------------------------------ profiling one method
+
+
+def synthetic_task(
+    num_classes: int, template: str = DEFAULT_TEMPLATE, classnames: Sequence[str] | None = None
+) -> FewShotTask:
+    """A task with ``num_classes`` classes named "class 0", "class 1", … and no images."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    names = list(classnames) if classnames is not None else [f"class {i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names given for {num_classes} classes")
+    return FewShotTask(
+        dataset="profile",
+        classnames=names,
+        template=template,
+        train=[],
+        val=[],
+        test=[],
+        image_root=Path("."),
+        shots=1,
+        seed=0,
+    )
+
+
+def profile_method(
+    method_name: str,
+    backbone_name: str,
+    pretrained: str | None,
+    *,
+    num_classes: int,
+    hparams: Mapping[str, Any] | None = None,
+    batch_size: int | None = 32,
+    device: str | torch.device = "auto",
+    warmup: int = 5,
+    steps: int = 20,
+    module: str | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    classnames: Sequence[str] | None = None,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Parameters, training FLOPs/step, step time, peak memory and merged-vs-frozen inference latency.
+
+    ``batch_size=None`` takes the method's ``batch_size`` hyper-parameter. ``name`` labels the
+    profile (a config entry such as ``blocklora_n4``; default: the method). With ``out`` the
+    result is also written there atomically as JSON.
+    """
+    method_cls = get_method(method_name, module)
+    hp = resolve_hparams(method_cls, dict(hparams or {}))
+    batch = int(batch_size or hp.get("batch_size", 32))
+    dev = resolve_device(str(device))
+    seed_everything(seed)
+
+    backbone = load_backbone(backbone_name, pretrained, device="cpu")
+    backbone.model.requires_grad_(False)
+    frozen = copy.deepcopy(backbone.model)  # kept on the CPU until the inference comparison
+    backbone.model.to(dev)
+    template = hp.get("template") or DEFAULT_TEMPLATE
+    task = synthetic_task(num_classes, template, classnames)
+    method = method_cls(backbone, task, hp)
+    method.setup()
+    trainable, total = count_parameters([backbone.model, *method.extra_modules()])
+
+    generator = torch.Generator().manual_seed(seed)
+    size = backbone.image_size
+    images = torch.randn(batch, 3, size, size, generator=generator).to(dev)
+    labels = torch.randint(num_classes, (batch,), generator=generator).to(dev)
+    precision = Precision.resolve(hp.get("precision", "auto"), dev)
+
+    flops = step_ms = peak = None
+    samples: list[float] = []
+    generic = has_generic_step(method)
+    if generic:
+        step = TrainStep(method, images, labels, dev)
+        trained = method.modules_to_train()
+        trained.train()
+        flops = count_flops(step.forward_backward)
+        reset_peak_memory(dev)
+        samples = time_calls(step, dev, warmup=warmup, steps=steps)
+        step_ms = statistics.median(samples)
+        peak = peak_memory_mib(dev)
+        step.close()
+        trained.eval()
+        del step
+
+    backbone.model.eval()
+    with torch.no_grad():
+        method.prepare_eval()
+    frozen.to(dev).eval()
+    tokens = backbone.tokenize(task.prompts(template))
+    with torch.no_grad():
+        frozen_text = encode_text(frozen, tokens)
+    scale = float(hp.get("logit_scale", 100.0))
+
+    @torch.no_grad()
+    def merged_logits() -> torch.Tensor:
+        with precision.autocast(dev):
+            return method.eval_logits(images)
+
+    @torch.no_grad()
+    def frozen_logits() -> torch.Tensor:
+        with precision.autocast(dev):
+            features = frozen.encode_image(images, normalize=True)
+            return scale * features @ frozen_text.to(features.dtype).T
+
+    inference_flops = count_flops(merged_logits)
+    latency = time_interleaved(
+        {"merged": merged_logits, "frozen": frozen_logits}, dev, warmup=warmup, steps=steps
+    )
+    merged_ms, frozen_ms = statistics.median(latency["merged"]), statistics.median(latency["frozen"])
+
+    result = {
+        "method": method_name,
+        "name": name or method_name,
+        "backbone": backbone_name,
+        "pretrained": backbone.pretrained,
+        "num_classes": num_classes,
+        "batch_size": batch,
+        "device": device_name(dev),
+        "precision": precision.name,
+        "train_step": "generic-loop" if generic else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_flops_per_step": flops,
+        "step_ms": step_ms,
+        "step_ms_samples": samples,
+        "peak_memory_mib": peak,
+        "latency_ms_merged": merged_ms,
+        "latency_ms_frozen": frozen_ms,
+        "latency_ratio": merged_ms / frozen_ms,
+        "throughput_merged": batch / (merged_ms / 1e3),
+        "throughput_frozen": batch / (frozen_ms / 1e3),
+        "inference_flops_per_image": inference_flops / batch,
+        "text_tokens": int(getattr(method, "tokens", tokens).shape[1]),
+        "warmup": warmup,
+        "steps": steps,
+        "hparams": hp,
+        "versions": package_versions(),
+        "created": now(),
+    }
+    if out is not None:
+        write_json(out, result)
+    log.info(
+        "%s on %s, %d classes, batch %d: %s trainable, step %s ms, latency ratio %.3f",
+        result["name"],
+        backbone_name,
+        num_classes,
+        batch,
+        f"{trainable:,}",
+        "n/a" if step_ms is None else f"{step_ms:.1f}",
+        result["latency_ratio"],
+    )
+    return result
+
+
+# ------------------------------------------------------------------ GPU-hours of a suite
+
+
+def step_times_from_profiles(profiles: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], float | None]:
+    """``{(name, num_classes): step_ms}`` from profile dicts (``name`` falls back to ``method``)."""
+    return {
+        (str(p.get("name") or p["method"]), int(p["num_classes"])): (
+            None if p.get("step_ms") is None else float(p["step_ms"])
+        )
+        for p in profiles
+    }
+
+
+def step_ms_for(step_ms: Mapping[tuple[str, int], float | None], method: str, num_classes: int) -> float:
+    """The step time of ``method`` at ``num_classes``: measured, else linear in the class count.
+
+    With one measured class count, that time is used for every class count; with several, the
+    time is interpolated (or extrapolated from the nearest two, never below 0). A method measured
+    without a training step (``None``) costs 0.
+    """
+    measured = sorted((c, t) for (m, c), t in step_ms.items() if m == method)
+    if not measured:
+        raise ValueError(f"no step time for method {method!r}; profile it first (blocklora profile)")
+    if any(t is None for _, t in measured):
+        return 0.0
+    points = dict(measured)
+    if num_classes in points:
+        return float(points[num_classes])
+    counts = [c for c, _ in measured]
+    if len(counts) == 1:
+        return float(measured[0][1])
+    i = min(max(bisect.bisect_left(counts, num_classes), 1), len(counts) - 1)
+    (c0, t0), (c1, t1) = measured[i - 1], measured[i]
+    return max(0.0, t0 + (t1 - t0) * (num_classes - c0) / (c1 - c0))
+
+
+def gpu_hours_estimate(
+    step_ms: Mapping[tuple[str, int], float | None],
+    *,
+    datasets: Mapping[str, int],
+    methods: Sequence[str],
+    shots: Sequence[int],
+    seeds: Sequence[int] | int,
+    iterations_per_shot: int | Mapping[str, int] = 500,
+    iterations: Callable[[str, str, int], int] | None = None,
+) -> float:
+    """Training GPU-hours of a suite: Σ over datasets × methods × shots × seeds of iterations × step time.
+
+    ``step_ms`` maps (method, num_classes) to a measured step time in ms (``None``: no training
+    step); ``datasets`` maps each dataset to its class count. A run has
+    ``iterations_per_shot × shots`` steps (one number, or one per method), unless
+    ``iterations(method, dataset, shots)`` is given for methods counted otherwise (a fixed
+    ``iterations``, CoOp's epochs). Evaluation, data preparation and start-up are not included.
+    """
+    runs_per_cell = seeds if isinstance(seeds, int) else len(seeds)
+    total_ms = 0.0
+    for method in methods:
+        per_shot = (
+            iterations_per_shot[method] if isinstance(iterations_per_shot, Mapping) else iterations_per_shot
+        )
+        for dataset, classes in datasets.items():
+            ms = step_ms_for(step_ms, method, int(classes))
+            for k in shots:
+                steps = iterations(method, dataset, k) if iterations is not None else per_shot * k
+                total_ms += steps * runs_per_cell * ms
+    return total_ms / 3.6e6
