@@ -67,10 +67,10 @@ def paper_dry_run(tmp_path_factory) -> str:
 def test_paper_dry_run_has_one_train_job_per_dataset_method_shots_seed(paper_dry_run):
     counts = job_counts(paper_dry_run)
     datasets, methods, shots, seeds = (len(PAPER[k]) for k in ("datasets", "methods", "shots", "seeds"))
-    assert counts["train"] == datasets * methods * shots * seeds == 11 * 3 * 5 * 3
+    assert counts["train"] == datasets * methods * shots * seeds == 11 * 8 * 5 * 3
     assert counts["prepare"] == 11
     assert counts["fewshot"] == 11 * 5 * 3
-    assert counts["profile"] == 3
+    assert counts["profile"] == 8
     assert counts["report"] == 1
     assert "pretrain_demo" not in counts
 
@@ -187,9 +187,9 @@ def test_wrong_type_fails_naming_the_value(tmp_path):
 
 def test_hparams_for_a_method_the_suite_does_not_run_fail(tmp_path):
     config = copy.deepcopy(CONFIG)
-    config["suites"]["smoke"]["hparams"]["coop"] = {"lr": 0.1}
+    config["suites"]["smoke"]["hparams"]["lora_r4"] = {"lr": 0.1}
     text = failed_before_any_job(snakemake(tmp_path, "-n", config=config))
-    assert "'coop'" in text and "suite 'smoke'" in text
+    assert "'lora_r4'" in text and "suite 'smoke'" in text
 
 
 def test_default_profile_and_archives_dir_reach_the_jobs(tmp_path):
