@@ -166,6 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         datasets=args.datasets,
         shots=args.shots,
         note=args.note,
+        allow_mixed=args.allow_mixed,
     )
     print("\n".join(lines))
     return 0
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="*", default=None, help="column order (and selection) of datasets")
     p.add_argument("--shots", nargs="*", type=int, default=None, help="shot counts to tabulate")
     p.add_argument("--note", default=None, help="a sentence printed at the top of report.md")
+    p.add_argument("--allow-mixed", action="store_true", help="report records of different protocol versions")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -113,15 +113,31 @@ def _expand(paths: Iterable[str | Path] | str | Path, pattern: str) -> list[Path
 
 def run_label(record: dict[str, Any], path: str | Path) -> str:
     """The method entry a record belongs to (see the module docstring)."""
-    if record.get("variant"):
-        return str(record["variant"])
+    if isinstance(record.get("variant"), str) and record["variant"]:
+        return record["variant"]
     path = Path(path)
     if _RUN_FOLDER.fullmatch(path.parent.name) and path.parent.parent.name:
         return path.parent.parent.name
     return str(record["method"])
 
 
-def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
+def check_protocol_versions(runs: pd.DataFrame) -> None:
+    """Refuse records of different protocol versions: their numbers are not comparable."""
+    versions = runs.get("protocol_version", pd.Series(index=runs.index, dtype=object))
+    versions = versions.map(lambda v: "unversioned" if pd.isna(v) else f"version {int(v)}")
+    if versions.nunique() <= 1:
+        return
+    groups = "; ".join(
+        f"{version}: {len(paths)} record(s), e.g. {paths.iloc[0]}"
+        for version, paths in runs["path"].groupby(versions)
+    )
+    raise ValueError(
+        f"records from different protocol versions ({groups}); rerun the older runs, "
+        "or pass --allow-mixed to report them together anyway"
+    )
+
+
+def load_runs(paths: Iterable[str | Path] | str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
     """Run records (files, or every record.json under folders) as one row each, plus ``label`` and ``acc`` (%)."""
     from blocklora.records import load_records
 
@@ -129,7 +145,9 @@ def load_runs(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     if not files:
         raise ValueError(f"no run records found in {paths}; run the train jobs first")
     runs = load_records(files)
-    runs.insert(0, "label", [run_label(_read_json(Path(p), "run record"), p) for p in runs["path"]])
+    if not allow_mixed:
+        check_protocol_versions(runs)
+    runs.insert(0, "label", [run_label(row, row["path"]) for row in runs.to_dict("records")])
     runs["acc"] = 100.0 * runs["accuracy"].astype(float)
     first = [c for c in _FIRST_COLUMNS if c in runs.columns]
     runs = runs[first + [c for c in runs.columns if c not in first]]
@@ -603,9 +621,10 @@ def build_report(
     datasets: Sequence[str] | None = None,
     shots: Sequence[int] | None = None,
     note: str | None = None,
+    allow_mixed: bool = False,
 ) -> list[str]:
     """Everything ``blocklora report`` does: write the report and return its summary lines."""
-    runs = load_runs(records)
+    runs = load_runs(records, allow_mixed=allow_mixed)
     profile_table = load_profiles(profiles) if profiles else pd.DataFrame(columns=["label", *PROFILE_FIELDS])
     write_report(
         runs, profile_table, out_dir, suite=suite, methods=methods, datasets=datasets, shots=shots, note=note

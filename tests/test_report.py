@@ -283,3 +283,14 @@ def test_profile_label_is_its_name_else_the_file_stem(tmp_path):
     (tmp_path / "lora.json").write_text(json.dumps({"method": "lora"}))
     profiles = report.load_profiles(tmp_path)
     assert sorted(profiles["label"]) == ["blocklora_n4", "lora"]
+
+
+def test_records_of_different_protocol_versions_are_refused_unless_allowed(tmp_path):
+    paths = write_records(tmp_path / "results")
+    for path in paths[:3]:
+        record = json.loads(path.read_text())
+        record["protocol_version"] = 0
+        path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"different protocol versions \(unversioned: .*version 0: 3 record"):
+        report.load_runs(tmp_path / "results" / "runs")
+    assert len(report.load_runs(tmp_path / "results" / "runs", allow_mixed=True)) == len(paths)
