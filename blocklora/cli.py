@@ -66,6 +66,48 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from blocklora.data.synthetic import write_dataset
+
+    print(write_dataset(args.dataset, args.data_root, seed=args.seed))
+    return 0
+
+
+def cmd_demo_corpus(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from blocklora.data.synthetic import CORPUS_FILE, write_corpus
+
+    out = Path(args.out)
+    if out.name != CORPUS_FILE:
+        raise ValueError(f"--out must be a file named {CORPUS_FILE} (got {out})")
+    print(write_corpus(out.parent, args.images, seed=args.seed))
+    return 0
+
+
+def cmd_pretrain_demo(args: argparse.Namespace) -> int:
+    from blocklora.pretrain import pretrain
+
+    stats = pretrain(
+        args.backbone,
+        args.corpus,
+        args.out,
+        steps=args.steps,
+        seconds=args.seconds,
+        seed=args.seed,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        data_root=args.data_root,
+        stats_path=args.stats,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
 def _claim_gpu_if_needed(device: str) -> None:
     """Before CUDA starts: on a multi-GPU node give this job one GPU of its own."""
     if device in ("auto", "cuda"):
@@ -220,6 +262,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archives-dir", default=None, help="folder of archives you already downloaded")
     p.add_argument("--offline", action="store_true", help="never download: use local archives only")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("demo-data", help="write one synthetic demo dataset (images + split.json)")
+    p.add_argument("dataset", help="a synthetic dataset (see `blocklora datasets`)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("demo-corpus", help="write the demo's captioned pre-training corpus")
+    p.add_argument("--out", required=True, help="the corpus file, .../corpus.npz")
+    p.add_argument("--images", type=_positive_int, default=8000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_corpus)
+
+    p = sub.add_parser("pretrain-demo", help="pre-train the tiny demo CLIP contrastively on the corpus (CPU)")
+    p.add_argument("--corpus", required=True, help="corpus.npz written by `blocklora demo-corpus`")
+    p.add_argument("--backbone", default="demo-tiny", help="model config to pre-train")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--steps", type=_positive_int, default=1200)
+    p.add_argument("--seconds", type=float, default=None, help="stop early after this long (not reproducible)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--data-root", default=None, help="report zero-shot accuracy on the demo datasets here")
+    p.add_argument("--stats", default=None, help="write the pre-training statistics (JSON) here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pretrain_demo)
 
     p = sub.add_parser("fewshot", help="sample a few-shot subset of a split file (CoOp/Dassl protocol)")
     p.add_argument("split", help="split file: {train, val, test} lists of [path, label, classname]")

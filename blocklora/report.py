@@ -519,6 +519,43 @@ def summary_lines(summary: pd.DataFrame, runs: pd.DataFrame, suite: str | None =
     return lines
 
 
+def training_hours(runs: pd.DataFrame, profiles: pd.DataFrame) -> pd.DataFrame:
+    """Per method: GPU-hours estimated from the profiled step time × each run's iterations, and measured.
+
+    The estimate is what the suite's training costs on the device that made the profiles; the
+    measured hours are the runs' own ``train_seconds`` on whatever device ran them.
+    """
+    step_ms = {}
+    if not profiles.empty and "step_ms" in profiles:
+        step_ms = {
+            row["label"]: row["step_ms"] for row in profiles.to_dict("records") if pd.notna(row["step_ms"])
+        }
+    rows = []
+    for label, group in runs.groupby("label", sort=False):
+        iterations = pd.to_numeric(group["iterations"], errors="coerce").fillna(0).sum()
+        estimate = iterations * step_ms[label] / 3.6e6 if label in step_ms else None
+        measured = pd.to_numeric(group.get("train_seconds"), errors="coerce").fillna(0).sum() / 3600
+        rows.append({"label": label, "runs": len(group), "iterations": int(iterations),
+                     "estimated_gpu_hours": estimate, "measured_hours": measured})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def training_hours_lines(hours: pd.DataFrame, profiles: pd.DataFrame) -> list[str]:
+    estimated = hours["estimated_gpu_hours"].dropna()
+    device = next(
+        (str(d) for d in profiles.get("device", pd.Series(dtype=object)).dropna()), "the profiling device"
+    )
+    lines = [
+        f"training time: {hours['measured_hours'].sum():.2f} h measured over {int(hours['runs'].sum())} runs"
+    ]
+    if not estimated.empty:
+        lines.append(
+            f"  estimated from profiled step times on {device}: {estimated.sum():.2f} GPU-hours "
+            f"({len(estimated)} of {len(hours)} methods have a training step)"
+        )
+    return lines
+
+
 def select_runs(
     runs: pd.DataFrame,
     methods: Sequence[str] | None = None,
@@ -593,7 +630,8 @@ def write_report(
     )
     save_figure(plot_efficiency(profiles, methods), out / "efficiency")
 
-    lines = summary_lines(summary, runs, suite)
+    hours = training_hours(runs, profiles)
+    lines = summary_lines(summary, runs, suite) + training_hours_lines(hours, profiles)
     report = [f"# Report: {title}\n"]
     if note:
         report.append(f"> {note}\n")
@@ -630,4 +668,8 @@ def build_report(
         runs, profile_table, out_dir, suite=suite, methods=methods, datasets=datasets, shots=shots, note=note
     )
     runs = select_runs(runs, methods, datasets, shots)
-    return [*summary_lines(accuracy_summary(runs), runs, suite), f"report written to {out_dir}/report.md"]
+    return [
+        *summary_lines(accuracy_summary(runs), runs, suite),
+        *training_hours_lines(training_hours(runs, profile_table), profile_table),
+        f"report written to {out_dir}/report.md",
+    ]

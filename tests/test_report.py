@@ -294,3 +294,22 @@ def test_records_of_different_protocol_versions_are_refused_unless_allowed(tmp_p
     with pytest.raises(ValueError, match=r"different protocol versions \(unversioned: .*version 0: 3 record"):
         report.load_runs(tmp_path / "results" / "runs")
     assert len(report.load_runs(tmp_path / "results" / "runs", allow_mixed=True)) == len(paths)
+
+
+def test_training_hours_are_estimated_from_profiled_step_times():
+    runs = pd.DataFrame(
+        [
+            {"label": "lora", "iterations": 500, "train_seconds": 60.0},
+            {"label": "lora", "iterations": 1000, "train_seconds": 120.0},
+            {"label": "zeroshot", "iterations": 0, "train_seconds": 0.0},
+        ]
+    )
+    profiles = pd.DataFrame(
+        [{"label": "lora", "step_ms": 72.0, "device": "H100"}, {"label": "zeroshot", "step_ms": None}]
+    )
+    hours = report.training_hours(runs, profiles).set_index("label")
+    assert hours.loc["lora", "estimated_gpu_hours"] == pytest.approx(1500 * 72.0 / 3.6e6)
+    assert hours.loc["lora", "measured_hours"] == pytest.approx(180 / 3600)
+    assert pd.isna(hours.loc["zeroshot", "estimated_gpu_hours"])
+    lines = report.training_hours_lines(hours.reset_index(), profiles)
+    assert "0.03 GPU-hours" in lines[1] and "H100" in lines[1] and "1 of 2 methods" in lines[1]

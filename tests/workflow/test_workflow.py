@@ -7,6 +7,7 @@ any output path land there, never in the repository.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,9 @@ CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 PAPER = CONFIG["suites"]["paper"]
 
 
-def snakemake(workdir: Path, *args: str, config: dict | None = None) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, config: dict | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run ``python -m snakemake`` on the repository's Snakefile in ``workdir`` (``config`` replaces config.yaml)."""
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
     if config is not None:
@@ -28,7 +31,13 @@ def snakemake(workdir: Path, *args: str, config: dict | None = None) -> subproce
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         command += ["--configfile", str(path)]
     return subprocess.run(
-        [*command, *args], cwd=workdir, capture_output=True, text=True, timeout=300, check=False
+        [*command, *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
 
 

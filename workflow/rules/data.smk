@@ -54,7 +54,8 @@ rule pretrain_demo:
     input:
         corpus=DEMO_CORPUS,
     output:
-        DEMO_CHECKPOINT,
+        checkpoint=DEMO_CHECKPOINT,
+        stats=f"{RESULTS}/demo/pretrain_stats.json",
     log:
         f"{RESULTS}/logs/demo/pretrain.log",
     benchmark:
@@ -62,15 +63,14 @@ rule pretrain_demo:
     params:
         backbone=config.get("demo", {}).get("backbone", "demo-tiny"),
         options=pretrain_args,
-        device=config["device"],
+    threads: 8
     resources:
-        gpu=1,
         mem_mb=8000,
         runtime=120,
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli pretrain-demo --corpus {input.corpus:q} --backbone {params.backbone} {params.options} --device {params.device} --out {output:q} > {log:q} 2>&1"
+        "python -m blocklora.cli pretrain-demo --corpus {input.corpus:q} --backbone {params.backbone} {params.options} --threads {threads} --stats {output.stats:q} --out {output.checkpoint:q} --no-progress > {log:q} 2>&1"
 
 
 rule fewshot:

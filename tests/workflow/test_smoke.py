@@ -1,0 +1,65 @@
+"""The whole `smoke` suite through snakemake: data, pre-training, every method, profiles, report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.workflow.test_workflow import CONFIG, snakemake
+
+SMOKE = CONFIG["suites"]["smoke"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[Path, str]:
+    workdir = tmp_path_factory.mktemp("smoke")
+    config = copy.deepcopy(CONFIG)
+    config["suite"] = "smoke"
+    config["demo"]["corpus_images"] = 256
+    config["demo"]["pretrain"] = {"steps": 15, "batch_size": 32, "seed": 0}
+    # jobs run `python -m blocklora.cli`: the interpreter running the tests must come first
+    env_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    result = snakemake(workdir, "--cores", "2", config=config, env={"PATH": env_path})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    return workdir / "results", output
+
+
+def test_smoke_suite_writes_a_record_per_run_and_the_report(smoke_run):
+    results, _ = smoke_run
+    records = sorted((results / "runs" / "smoke").rglob("record.json"))
+    assert len(records) == len(SMOKE["datasets"]) * len(SMOKE["methods"]) * len(SMOKE["shots"]) * len(SMOKE["seeds"])
+    for path in records:
+        record = json.loads(path.read_text())
+        assert 0.0 <= record["accuracy"] <= 1.0 and record["suite"] == "smoke"
+        assert (path.parent / "adapter.safetensors").is_file()
+    report = results / "smoke" / "report"
+    for name in ("report.md", "accuracy.md", "accuracy.tex", "efficiency.md", "accuracy_vs_shots.png"):
+        assert (report / name).stat().st_size > 0, name
+    runs = pd.read_csv(report / "runs.csv")
+    assert len(runs) == len(records)
+    assert set(runs["label"]) == set(SMOKE["methods"])
+
+
+def test_smoke_profiles_cover_every_method(smoke_run):
+    results, _ = smoke_run
+    profiles = {p.stem: json.loads(p.read_text()) for p in (results / "profile" / "smoke").glob("*.json")}
+    assert set(profiles) == set(SMOKE["methods"])
+    assert profiles["blocklora"]["trainable_params"] < profiles["lora"]["trainable_params"]
+    assert profiles["zeroshot"]["trainable_params"] == 0
+
+
+def test_a_second_run_has_nothing_to_do(smoke_run, tmp_path):
+    results, _ = smoke_run
+    workdir = results.parent
+    config_file = workdir / "config.test.yaml"
+    env_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    result = snakemake(workdir, "-n", "--configfile", str(config_file), env={"PATH": env_path})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Nothing to be done" in result.stdout + result.stderr
