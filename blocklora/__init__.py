@@ -19,15 +19,21 @@ _EXPORTS = {
     "merge_adapters": "blocklora.inject",
     "unmerge_adapters": "blocklora.inject",
     "count_trainable": "blocklora.inject",
-    "save_adapters": "blocklora.io",
-    "load_adapters": "blocklora.io",
+    "save_adapters": "blocklora.inject",
+    "load_adapters": "blocklora.inject",
 }
 
 if TYPE_CHECKING:
     from blocklora.adapters import BlockLoRALinear, LoRALinear, LowRankAdapter
     from blocklora.clip import Backbone, load_backbone
-    from blocklora.inject import apply_adapters, count_trainable, merge_adapters, unmerge_adapters
-    from blocklora.io import load_adapters, save_adapters
+    from blocklora.inject import (
+        apply_adapters,
+        count_trainable,
+        load_adapters,
+        merge_adapters,
+        save_adapters,
+        unmerge_adapters,
+    )
 
 
 def __getattr__(name: str):

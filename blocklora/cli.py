@@ -116,30 +116,37 @@ def _claim_gpu_if_needed(device: str) -> None:
         claim_gpu(default_lock_dir())
 
 
+def _run_kwargs(args: argparse.Namespace) -> dict:
+    """The arguments `train` and `evaluate` share (see :func:`_add_run_arguments`)."""
+    return {
+        "method": args.method,
+        "image_root": args.image_root,
+        "shots": args.shots,
+        "seed": args.seed,
+        "backbone": args.backbone,
+        "pretrained": args.pretrained,
+        "hparams": args.hparams,
+        "record": args.record,
+        "device": args.device,
+        "suite": args.suite,
+        "template": args.template,
+        "module": args.module,
+        "progress": not args.no_progress,
+        "variant": args.name,
+    }
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _claim_gpu_if_needed(args.device)
     _set_threads(args.threads)
     from blocklora.experiment import run_experiment
 
     run_experiment(
-        method=args.method,
+        **_run_kwargs(args),
         dataset=args.dataset,
         fewshot=args.fewshot,
-        image_root=args.image_root,
-        shots=args.shots,
-        seed=args.seed,
-        backbone=args.backbone,
-        pretrained=args.pretrained,
-        hparams=args.hparams,
-        record=args.record,
         adapter=args.adapter,
-        device=args.device,
-        suite=args.suite,
-        template=args.template,
-        module=args.module,
-        progress=not args.no_progress,
         cache_dir=args.cache_dir,
-        variant=args.name,
     )
     return 0
 
@@ -150,25 +157,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from blocklora.experiment import run_transfer
 
     run_transfer(
-        method=args.method,
+        **_run_kwargs(args),
         source=args.source,
         source_fewshot=args.source_fewshot,
         state=args.state,
         target=args.dataset,
         target_split=args.split,
-        image_root=args.image_root,
-        shots=args.shots,
-        seed=args.seed,
-        backbone=args.backbone,
-        pretrained=args.pretrained,
-        hparams=args.hparams,
-        record=args.record,
-        device=args.device,
-        suite=args.suite,
-        template=args.template,
-        module=args.module,
-        progress=not args.no_progress,
-        variant=args.name,
     )
     return 0
 
@@ -280,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="demo-tiny", help="model config to pre-train")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.add_argument("--steps", type=_positive_int, default=1200)
-    p.add_argument("--seconds", type=float, default=None, help="stop early after this long (not reproducible)")
+    p.add_argument(
+        "--seconds", type=float, default=None, help="stop early after this long (not reproducible)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--batch-size", type=_positive_int, default=128)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from blocklora.clip import load_backbone
+from blocklora.data.splits import read_split
 from blocklora.evaluate import evaluate
 from blocklora.io import write_json
 from blocklora.methods import FewShotTask, get_method, resolve_hparams
@@ -28,28 +28,9 @@ from blocklora.train import RunContext, resolve_device, seed_everything
 log = logging.getLogger("blocklora")
 
 
-def read_fewshot(path: str | Path) -> dict[str, list]:
-    """A few-shot (or split) file: {"train", "val", "test"} lists of [path, label, classname]."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read few-shot file {path} ({exc}); rerun its fewshot job") from exc
-    if not isinstance(data, dict) or not {"train", "test"} <= set(data):
-        raise ValueError(f"few-shot file {path} must hold 'train', 'val' and 'test' lists")
-    return {k: [tuple(e) for e in data.get(k, [])] for k in ("train", "val", "test")}
-
-
 def class_names(splits: dict[str, list], source: str | Path) -> list[str]:
-    """Class names indexed by label, from every entry; gaps or conflicts are errors."""
-    names: dict[int, str] = {}
-    for entries in splits.values():
-        for entry in entries:
-            if len(entry) != 3:
-                raise ValueError(f"{source}: entry {list(entry)} is not [path, label, classname]")
-            label, name = int(entry[1]), str(entry[2])
-            if names.setdefault(label, name) != name:
-                raise ValueError(f"{source}: label {label} is named both {names[label]!r} and {name!r}")
+    """Class names indexed by label, from every entry (a validated split); labels must be 0..C-1."""
+    names = {int(e[1]): str(e[2]) for entries in splits.values() for e in entries}
     missing = sorted(set(range(max(names, default=-1) + 1)) - set(names))
     if missing or not names:
         raise ValueError(f"{source}: labels must be 0..C-1 with a name each; missing {missing[:10]}")
@@ -195,7 +176,7 @@ def run_experiment(
         cache_dir=Path(cache_dir) if cache_dir else None,
         checkpoint=checkpoint_path(record),
     )
-    splits = read_fewshot(fewshot)
+    splits = read_split(fewshot)
     task = FewShotTask(
         dataset=dataset,
         classnames=class_names(splits, fewshot),
@@ -262,8 +243,8 @@ def transfer_task(
     """
     from blocklora.data.registry import get_dataset
 
-    source_splits = read_fewshot(source_fewshot)
-    target_splits = read_fewshot(target_split)
+    source_splits = read_split(source_fewshot)
+    target_splits = read_split(target_split)
     same_labels = get_dataset(target).imagenet_labels and (
         source == "imagenet" or get_dataset(source).imagenet_labels
     )

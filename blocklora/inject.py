@@ -10,6 +10,7 @@ target. Merging folds every ΔW into those shared parameters and puts the origin
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocklora.adapters import LowRankAdapter, chunk_sum, refuse_training_when_merged
+from blocklora.io import read_tensors, write_tensors
 
 TARGETS = ("q", "k", "v", "o")
 ENCODERS = ("vision", "text")
 METHODS = {"lora": 1, "blocklora": None}  # method -> forced blocks (None: from the argument)
+ADAPTER_FORMAT = "blocklora-adapters/1"
 
 
 class AdaptedAttention(nn.Module):
@@ -333,3 +336,71 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
 def count_trainable(model: nn.Module) -> int:
     """Number of parameters with ``requires_grad``, each tensor counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def backbone_identity(model: nn.Module) -> dict[str, Any]:
+    return dict(getattr(model, "blocklora_backbone", {}) or {})
+
+
+def save_adapters(model: nn.Module, path: str | Path, **extra: Any) -> None:
+    """Write only the adapter tensors plus what is needed to rebuild them (small safetensors file)."""
+    metadata = {
+        "format": ADAPTER_FORMAT,
+        "config": adapter_config(model),
+        "backbone": backbone_identity(model),
+        **extra,
+    }
+    write_tensors(path, adapter_state(model), metadata)
+
+
+def check_compatible(saved: dict[str, Any], model: nn.Module, path: str | Path) -> None:
+    """Refuse an adapter file made for another backbone or adapter configuration."""
+    if saved.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path} is not a blocklora adapter file (format {saved.get('format')!r})")
+    mine, theirs = backbone_identity(model), saved.get("backbone", {})
+    for key in ("name", "pretrained"):
+        if mine.get(key) and theirs.get(key) and mine[key] != theirs[key]:
+            raise ValueError(
+                f"{path} was trained on backbone {theirs.get('name')} / {theirs.get('pretrained')}, "
+                f"but this model is {mine.get('name')} / {mine.get('pretrained')}: load it onto that backbone"
+            )
+    config, their_config = adapter_config(model), saved.get("config", {})
+    differing = {k: (their_config.get(k), v) for k, v in config.items() if their_config.get(k) != v}
+    if differing:
+        detail = ", ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in differing.items())
+        raise ValueError(
+            f"{path} holds adapters of another configuration ({detail}); apply matching adapters"
+        )
+
+
+def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load adapter tensors into a model adapted with the same configuration; returns the metadata.
+
+    Works on merged models too (it unmerges, swaps, merges again), so one loaded backbone can
+    switch between tasks without reloading its base weights.
+    """
+    tensors, meta = read_tensors(path)
+    check_compatible(meta, model, path)
+    state = adapter_state(model)
+    missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the model's adapters: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    for key, tensor in tensors.items():
+        if tensor.shape != state[key].shape:
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, model expects {tuple(state[key].shape)}"
+            )
+    merged = is_merged(model)
+    attentions = [attn for _, _, attn in adapted_attentions(model)]
+    with torch.no_grad():
+        if merged:
+            for attn in attentions:
+                attn.unmerge()
+        for key, tensor in tensors.items():
+            state[key].copy_(tensor)
+        if merged:
+            for attn in attentions:
+                attn.merge()
+    return meta

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from blocklora.data.registry import DatasetSpec, register
+from blocklora.data import registry
+from blocklora.data.registry import DatasetSpec
 from blocklora.evaluate import predict
 from blocklora.experiment import run_experiment, run_transfer
 from blocklora.methods.lora import LoRA
@@ -31,11 +32,12 @@ def _target_split(toy_dataset, tmp_path):
 
 
 @pytest.fixture
-def trained(tiny_config, tiny_checkpoint, toy_dataset, tmp_path):
+def trained(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch):
     for name in ("toy_source", "toy_target"):
-        register(
-            DatasetSpec(name=name, title=name, template="a photo of a {}.", image_dir="images", num_classes=4)
+        spec = DatasetSpec(
+            name=name, title=name, template="a photo of a {}.", image_dir="images", num_classes=4
         )
+        monkeypatch.setitem(registry._REGISTRY, name, spec)  # registered for this test only
     images, fewshot = toy_dataset
     run_experiment(
         method="blocklora", dataset="toy_source", fewshot=fewshot, image_root=images, shots=12, seed=1,

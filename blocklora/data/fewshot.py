@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from blocklora.data.splits import SPLIT_KEYS, Split, read_split, validate_split, write_json_atomic
+from blocklora.data.splits import SPLIT_KEYS, Split, read_split, validate_split
+from blocklora.io import write_json
 
 VAL_SHOTS_CAP = 4
 
@@ -68,4 +69,4 @@ def write_fewshot(split_path: str | Path, shots: int, seed: int, out_path: str |
     _check_shots(shots)
     split: Split = read_split(split_path)
     subset = sample_fewshot(split, shots, seed)
-    return write_json_atomic(out_path, {k: subset[k] for k in SPLIT_KEYS})
+    return write_json(out_path, {k: subset[k] for k in SPLIT_KEYS}, indent=None)

@@ -12,11 +12,11 @@ them before the arg-max, the usual protocol for these two sets.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from blocklora.io import write_json
 
 SPLIT_KEYS = ("train", "val", "test")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -96,28 +96,10 @@ def read_split(
     return validate_split(data, source=str(path), expected_sizes=expected_sizes, num_classes=num_classes)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON to a temporary file beside ``path``, fsync it, and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_split(split: Split, path: str | Path) -> Path:
     """Validate ``split`` and write it atomically."""
     validate_split(split, source=str(path))
-    return write_json_atomic(path, {k: [list(e) for e in split[k]] for k in SPLIT_KEYS})
+    return write_json(path, {k: [list(e) for e in split[k]] for k in SPLIT_KEYS}, indent=None)
 
 
 def missing_images(split: Split, image_root: str | Path) -> list[str]:

@@ -8,8 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from blocklora.inject import adapted_attentions, apply_adapters, merge_adapters
-from blocklora.io import load_adapters, save_adapters
+from blocklora.inject import adapted_attentions, apply_adapters, load_adapters, merge_adapters, save_adapters
 from blocklora.methods import Method, register_method
 
 ADAPTER_KEYS = ("rank", "alpha", "dropout", "scaling", "targets", "encoders", "layers", "fuse")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from blocklora.clip import load_backbone
-from blocklora.experiment import read_fewshot, run_experiment
+from blocklora.data.splits import read_split
+from blocklora.experiment import run_experiment
 from blocklora.methods import FewShotTask, get_method, resolve_hparams
 from blocklora.train import RunContext
 
@@ -76,7 +77,7 @@ def make_method(tiny_config, tiny_checkpoint, toy_dataset) -> Callable[..., tupl
         import torch
 
         cls = get_method(name)
-        splits = read_fewshot(fewshot)
+        splits = read_split(fewshot)
         names = sorted({(int(e[1]), e[2]) for e in splits["train"]})
         task = FewShotTask(
             dataset="toy",

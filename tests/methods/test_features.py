@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from blocklora import evaluate as evaluate_module
 from blocklora.clip import Backbone, load_backbone
 from blocklora.data import loading
+from blocklora.data.splits import read_split
 from blocklora.evaluate import evaluate
-from blocklora.experiment import read_fewshot
 from blocklora.features import image_features
 from blocklora.methods.linear_probe import LinearProbe
 from blocklora.train import RunContext
@@ -31,7 +31,7 @@ def encoded(monkeypatch) -> list[int]:
 @pytest.fixture
 def tiny(tiny_config, tiny_checkpoint, toy_dataset):
     images, fewshot = toy_dataset
-    return load_backbone(tiny_config, str(tiny_checkpoint)), read_fewshot(fewshot), images
+    return load_backbone(tiny_config, str(tiny_checkpoint)), read_split(fewshot), images
 
 
 def cpu_run(cache_dir=None, seed: int = 1) -> RunContext:
@@ -42,7 +42,7 @@ def test_test_features_are_encoded_once_for_every_run_and_method_of_a_dataset(
     run_method, toy_dataset, tmp_path, encoded, subset
 ):
     _, fewshot = toy_dataset
-    splits = read_fewshot(fewshot)
+    splits = read_split(fewshot)
     cache = tmp_path / "cache"
     six = subset(fewshot, 6, tmp_path / "six.json")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from blocklora.experiment import read_fewshot
+from blocklora.data.splits import read_split
 
 
 def test_linear_probe_fits_a_head_and_beats_chance(run_method):
@@ -38,7 +38,7 @@ def test_head_matches_scikit_learn(make_method, toy_dataset):
             for t in (method.features(method.task.train, run)[0], method.labels(method.task.train))
         ),
     )
-    test = method.features(read_fewshot(toy_dataset[1])["test"], run)[0]
+    test = method.features(read_split(toy_dataset[1])["test"], run)[0]
     expected = torch.from_numpy(model.decision_function(test.numpy())).float()
     torch.testing.assert_close(method.eval_logits_from_features(test), expected, rtol=1e-4, atol=1e-4)
 

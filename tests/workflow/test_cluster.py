@@ -24,7 +24,9 @@ def test_paper_suite_dry_runs_through_the_slurm_executor(tmp_path):
     assert train_resources
     assert all("gpu=1" in r and "slurm_partition=gpu" in r and "mem_mb=32000" in r for r in train_resources)
     prepare_resources = re.findall(r"rule prepare:.*?resources: ([^\n]+)", output, re.S)
-    assert prepare_resources and all("gpu" not in r.replace("slurm_partition=cpu", "") for r in prepare_resources)
+    assert prepare_resources and all(
+        "gpu" not in r.replace("slurm_partition=cpu", "") for r in prepare_resources
+    )
 
 
 def test_the_gpu_resource_becomes_slurm_gpus():

@@ -34,7 +34,9 @@ def smoke_run(tmp_path_factory) -> tuple[Path, str]:
 def test_smoke_suite_writes_a_record_per_run_and_the_report(smoke_run):
     results, _ = smoke_run
     records = sorted((results / "runs" / "smoke").rglob("record.json"))
-    assert len(records) == len(SMOKE["datasets"]) * len(SMOKE["methods"]) * len(SMOKE["shots"]) * len(SMOKE["seeds"])
+    assert len(records) == len(SMOKE["datasets"]) * len(SMOKE["methods"]) * len(SMOKE["shots"]) * len(
+        SMOKE["seeds"]
+    )
     for path in records:
         record = json.loads(path.read_text())
         assert 0.0 <= record["accuracy"] <= 1.0 and record["suite"] == "smoke"
