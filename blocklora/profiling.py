@@ -180,10 +180,17 @@ class TrainStep:
 # ------------------------------------------------------------------ profiling one method
 
 
+PROFILE_SHOTS = 16
+
+
 def synthetic_task(
     num_classes: int, template: str = DEFAULT_TEMPLATE, classnames: Sequence[str] | None = None
 ) -> FewShotTask:
-    """A task with ``num_classes`` classes named "class 0", "class 1", … and no images."""
+    """A task with ``num_classes`` classes named "class 0", "class 1", … and no images.
+
+    Its training split lists 16 placeholder entries per class (never read), so methods whose
+    inference cost grows with the few-shot set (Tip-Adapter's cache) are profiled at 16 shots.
+    """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     names = list(classnames) if classnames is not None else [f"class {i}" for i in range(num_classes)]
@@ -193,11 +200,11 @@ def synthetic_task(
         dataset="profile",
         classnames=names,
         template=template,
-        train=[],
+        train=[(f"class{c}/{i}.png", c, names[c]) for c in range(num_classes) for i in range(PROFILE_SHOTS)],
         val=[],
         test=[],
         image_root=Path("."),
-        shots=1,
+        shots=PROFILE_SHOTS,
         seed=0,
     )
 

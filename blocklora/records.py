@@ -10,10 +10,12 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REQUIRED = ("method", "dataset", "shots", "seed", "backbone", "accuracy")
 # Bump when a change alters what a run computes (protocol, data pipeline, metric): the report
@@ -108,4 +110,6 @@ def load_records(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
                 row[f"{group}.{key}"] = json.dumps(value) if isinstance(value, list | dict) else value
         row["path"] = str(path)
         rows.append(row)
+    import pandas as pd
+
     return pd.DataFrame(rows)

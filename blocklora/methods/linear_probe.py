@@ -19,8 +19,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from blocklora.features import FeatureMethod
@@ -44,7 +42,11 @@ class LinearProbe(FeatureMethod):
     def extra_modules(self) -> list[nn.Module]:
         return [self.head]
 
-    def _fit(self, c: float, x: np.ndarray, y: np.ndarray) -> LogisticRegression:
+    def _fit(self, c: float, x: np.ndarray, y: np.ndarray):
+        # scikit-learn loads in about a second: only when a probe is fitted, not with the registry
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
         model = LogisticRegression(C=c, solver="lbfgs", max_iter=int(self.hp["max_iter"]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)

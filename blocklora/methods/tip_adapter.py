@@ -101,6 +101,11 @@ class TipAdapter(FeatureMethod):
     def setup(self) -> None:
         self.alpha = float(self.setting("init_alpha"))
         self.beta = float(self.hp["init_beta"])
+        # A cache of the final shape (zero keys until fit or load fill it), so the state exists
+        # from the start, as every method's does.
+        dim = int(self.model.visual.output_dim)
+        self.keys = torch.zeros(len(self.task.train), dim, device=self.device)
+        self.values = F.one_hot(self.labels(self.task.train), self.task.num_classes).float()
 
     def build_cache(self, run) -> None:
         """Text classifier, cache keys (mean of augmented views, normalized) and one-hot values."""
