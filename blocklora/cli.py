@@ -56,6 +56,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from blocklora.data.download import fetch_dataset
+
+    print(fetch_dataset(args.dataset, args.data_root, archives_dir=args.archives_dir))
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from blocklora.data.registry import dataset_names, get_dataset
 
@@ -249,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("datasets", help="list the registered datasets")
     p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("download", help="download (or find) and verify the files of one dataset")
+    p.add_argument("dataset", help="registered dataset name (see `blocklora datasets`)")
+    p.add_argument("--data-root", required=True, help="datasets live in DATA_ROOT/<dataset>/")
+    p.add_argument("--archives-dir", default=None, help="folder of archives you already downloaded")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("prepare", help="download (or find), verify, extract and split one dataset")
     p.add_argument("dataset", help="registered dataset name (see `blocklora datasets`)")

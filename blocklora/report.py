@@ -242,6 +242,11 @@ def _number(value: Any, fmt: str) -> str:
     return format(float(value), fmt)
 
 
+def _missing(value: Any) -> bool:
+    """None or NaN; containers (a profile's list of step times) are values, never missing."""
+    return not isinstance(value, list | tuple | dict) and bool(pd.isna(value))
+
+
 def efficiency_table(profiles: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.DataFrame:
     """Rows = methods; trainable params, FLOPs per training step, step time, peak memory, latency ratio."""
     if profiles.empty:
@@ -250,7 +255,7 @@ def efficiency_table(profiles: pd.DataFrame, methods: Sequence[str] | None = Non
     labels = _order(by_label, methods) if methods else list(by_label)
     rows = []
     for label in labels:
-        p = {k: (None if pd.isna(v) else v) for k, v in by_label[label].items()}
+        p = {k: (None if _missing(v) else v) for k, v in by_label[label].items()}
         trainable, total = p.get("trainable_params"), p.get("total_params")
         merged, frozen = p.get("latency_ms_merged"), p.get("latency_ms_frozen")
         rows.append(
@@ -362,8 +367,10 @@ def plot_accuracy_vs_shots(
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    ncol = min(len(labels), 4)
+    legend_rows = -(-len(labels) // ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, bbox_to_anchor=(0.5, 0.0), frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * legend_rows / nrows, 1, 1))
     return fig
 
 
@@ -442,11 +449,13 @@ def plot_efficiency(profiles: pd.DataFrame, methods: Sequence[str] | None = None
                 [v for _, v in values],
                 color=[colors[m] for m, _ in values],
             )
-            ax.tick_params(axis="x", labelrotation=30)
+            plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")
             if formatter is not None:
                 ax.yaxis.set_major_formatter(formatter)
         else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "not measured on this device", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -550,7 +559,7 @@ def training_hours_lines(hours: pd.DataFrame, profiles: pd.DataFrame) -> list[st
     ]
     if not estimated.empty:
         lines.append(
-            f"  estimated from profiled step times on {device}: {estimated.sum():.2f} GPU-hours "
+            f"  estimated from profiled step times on {device}: {estimated.sum():.2f} device-hours "
             f"({len(estimated)} of {len(hours)} methods have a training step)"
         )
     return lines

@@ -312,4 +312,4 @@ def test_training_hours_are_estimated_from_profiled_step_times():
     assert hours.loc["lora", "measured_hours"] == pytest.approx(180 / 3600)
     assert pd.isna(hours.loc["zeroshot", "estimated_gpu_hours"])
     lines = report.training_hours_lines(hours.reset_index(), profiles)
-    assert "0.03 GPU-hours" in lines[1] and "H100" in lines[1] and "1 of 2 methods" in lines[1]
+    assert "0.03 device-hours" in lines[1] and "H100" in lines[1] and "1 of 2 methods" in lines[1]

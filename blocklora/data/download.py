@@ -39,6 +39,7 @@ from blocklora.data.splits import (
     validate_split,
     write_split,
 )
+from blocklora.io import write_json
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MARKER_DIR = ".extracted"
@@ -590,6 +591,40 @@ def _extract_sources(
             safe_extract(root / nested, root)
             markers.mkdir(exist_ok=True)
             (markers / Path(nested).name).write_text(f"{root / nested}\n")
+
+
+MANIFEST_FILE = "downloads.json"
+
+
+def fetch_dataset(
+    name: str,
+    data_root: str | Path,
+    *,
+    archives_dir: str | Path | None = None,
+    download: bool = True,
+    progress: bool | None = None,
+) -> Path:
+    """Download (or find) and verify every file of one dataset, without extracting anything.
+
+    Writes ``<data_root>/<name>/downloads.json`` (atomically, last) naming the verified copy of each
+    file; archives whose contents are already extracted in place are not fetched again.
+    """
+    spec = get_dataset(name)
+    if spec.synthetic:
+        raise DataError(f"{name!r} is a synthetic demo dataset; it is generated, not downloaded")
+    root = Path(data_root) / name
+    root.mkdir(parents=True, exist_ok=True)
+    search = _search_dirs(root, archives_dir)
+    download_dir = Path(archives_dir) if archives_dir is not None else root / DOWNLOADS_DIR
+    extracted = not layout_problems(spec, root)
+    files: dict[str, str] = {}
+    for source in spec.sources:
+        if source.kind != "split" and (extracted or (root / MARKER_DIR / source.filename).exists()):
+            files[source.filename] = "already extracted"
+            continue
+        path = fetch_source(spec, source, search, download_dir, download=download, progress=progress)
+        files[source.filename] = str(path)
+    return write_json(root / MANIFEST_FILE, {"dataset": name, "files": files})
 
 
 def prepare_dataset(

@@ -13,6 +13,7 @@ from blocklora.data.download import (
     ChecksumError,
     LayoutError,
     ManualDownloadRequired,
+    fetch_dataset,
     prepare_dataset,
     verify_layout,
 )
@@ -72,6 +73,26 @@ def test_prepare_from_local_archives_needs_no_network(toy, tmp_path, no_network)
     assert read_split(split_path) == _split()
     assert (tmp_path / "data/toy_dtd/dtd/images/banded/banded_0000.jpg").is_file()
     assert prepare_dataset("toy_dtd", tmp_path / "data", archives_dir=archives) == split_path
+
+
+def test_download_step_fetches_and_verifies_then_prepare_runs_offline(
+    toy, tmp_path, file_server, monkeypatch, request
+):
+    spec, archives = toy
+    file_server.files["toy.tar.gz"] = (archives / "toy.tar.gz").read_bytes()
+    (archives / "toy.tar.gz").unlink()
+    sources = (dataclasses.replace(spec.sources[0], url=file_server.url("toy.tar.gz")), spec.sources[1])
+    monkeypatch.setitem(registry._REGISTRY, spec.name, dataclasses.replace(spec, sources=sources))
+    manifest = fetch_dataset("toy_dtd", tmp_path / "data", archives_dir=archives, progress=False)
+    files = json.loads(manifest.read_text())["files"]
+    assert files == {
+        "toy.tar.gz": str(archives / "toy.tar.gz"),
+        "split_zhou_Toy.json": str(archives / "split_zhou_Toy.json"),
+    }
+    assert not (tmp_path / "data/toy_dtd/dtd").exists(), "downloading extracts nothing"
+    request.getfixturevalue("no_network")  # from here on, any download attempt fails the test
+    split_path = prepare_dataset("toy_dtd", tmp_path / "data", archives_dir=archives, download=False)
+    assert read_split(split_path) == _split()
 
 
 def test_prepare_finds_archives_in_the_dataset_folder(toy, tmp_path, no_network):

@@ -77,7 +77,7 @@ def test_paper_dry_run_has_one_train_job_per_dataset_method_shots_seed(paper_dry
     counts = job_counts(paper_dry_run)
     datasets, methods, shots, seeds = (len(PAPER[k]) for k in ("datasets", "methods", "shots", "seeds"))
     assert counts["train"] == datasets * methods * shots * seeds == 11 * 8 * 5 * 3
-    assert counts["prepare"] == 11
+    assert counts["download"] == counts["prepare"] == 11
     assert counts["fewshot"] == 11 * 5 * 3
     assert counts["profile"] == 8
     assert counts["report"] == 1

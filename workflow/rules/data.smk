@@ -1,7 +1,28 @@
-"""Datasets: download + verify + extract + split (`blocklora prepare`), synthetic demo data, few-shot files."""
+"""Datasets: download + verify (`blocklora download`), extract + split (`blocklora prepare`), synthetic demo data, few-shot files."""
+
+
+rule download:
+    output:
+        manifest=f"{DATA_ROOT}/{{dataset}}/downloads.json",
+    log:
+        f"{RESULTS}/logs/download/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=_regex(DOWNLOADED),
+    params:
+        data_root=lambda w, output: os.path.dirname(os.path.dirname(output.manifest)),
+        archives=archives_arg,
+    resources:
+        mem_mb=2000,
+        runtime=480,
+    conda:
+        "../../envs/blocklora.yaml"
+    shell:
+        "python -m blocklora.cli download {wildcards.dataset} --data-root {params.data_root:q} {params.archives} > {log:q} 2>&1"
 
 
 rule prepare:
+    input:
+        manifest=f"{DATA_ROOT}/{{dataset}}/downloads.json",
     output:
         split=f"{DATA_ROOT}/{{dataset}}/split.json",
     log:
@@ -17,7 +38,7 @@ rule prepare:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli prepare {wildcards.dataset} --data-root {params.data_root:q} {params.archives} > {log:q} 2>&1"
+        "python -m blocklora.cli prepare {wildcards.dataset} --data-root {params.data_root:q} {params.archives} --offline > {log:q} 2>&1"
 
 
 rule demo_data:
