@@ -8,16 +8,9 @@ from blocklora.data.registry import DatasetSpec
 from blocklora.evaluate import predict
 from blocklora.experiment import run_experiment, run_transfer
 from blocklora.methods.lora import LoRA
+from tests.test_train import FAST as TRAIN_FAST
 
-FAST = {
-    "iterations": 60,
-    "lr": 5e-3,
-    "rank": 4,
-    "batch_size": 16,
-    "dropout": 0.0,
-    "num_workers": 0,
-    "blocks": 4,
-}
+FAST = {**TRAIN_FAST, "blocks": 4}
 
 
 def _target_split(toy_dataset, tmp_path):
