@@ -655,7 +655,7 @@ def write_report(
     return {name: out / name for name in REPORT_FILES}
 
 
-# ------------------------------------------------------------------ command line
+# ------------------------------------------------------------------ everything `blocklora report` does
 
 
 def build_report(
