@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,7 +35,7 @@ from blocklora.experiment import count_parameters
 from blocklora.io import write_json
 from blocklora.methods import FewShotTask, Method, get_method, resolve_hparams
 from blocklora.records import device_name, now, package_versions
-from blocklora.train import Precision, make_optimizer, resolve_device, seed_everything
+from blocklora.train import Precision, loss_function, make_optimizer, resolve_device, seed_everything
 
 log = logging.getLogger("blocklora")
 
@@ -151,16 +150,17 @@ class TrainStep:
         self.optimizer = make_optimizer(self.params, method.hp)
         self.precision = Precision.resolve(method.hp.get("precision", "auto"), device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.scaler)
+        # compiled as the method's ``compile`` hyper-parameter says; FLOPs are counted eagerly
+        self.compute_loss = loss_function(method, self.precision, device)
+        self.eager_loss = loss_function(method, self.precision, device, compiled=False)
 
     def loss(self) -> torch.Tensor:
-        with self.precision.autocast(self.device):
-            logits = self.method.train_logits(self.images)
-            return F.cross_entropy(logits.float(), self.labels)
+        return self.compute_loss(self.images, self.labels)
 
     def forward_backward(self) -> None:
-        """Forward and backward only (what FLOPs are counted on); gradients are dropped."""
+        """Forward and backward only, eager (what FLOPs are counted on); gradients are dropped."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(self.loss()).backward()
+        self.scaler.scale(self.eager_loss(self.images, self.labels)).backward()
         self.optimizer.zero_grad(set_to_none=True)
 
     def __call__(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,66 @@ class RunContext:
 
     def precision(self, hp: dict[str, Any]) -> Precision:
         return Precision.resolve(hp.get("precision", "auto"), self.device)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_options(setting: Any, backend: str = "inductor") -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments for the ``compile`` / ``compile_backend`` hyper-parameters.
+
+    ``compile``: false (eager, the default), true (= ``"default"``), or an inductor mode:
+    ``"reduce-overhead"`` replays the compiled step as CUDA graphs, ``"max-autotune"`` also
+    searches kernel configurations. ``compile_backend`` is any ``torch.compile`` backend
+    (``"cudagraphs"`` records CUDA graphs without inductor; ``"aot_eager"`` traces without code
+    generation). None means: run eagerly.
+    """
+    if setting in (False, None, "off", "false"):
+        return None
+    mode = "default" if setting in (True, "on", "true") else setting
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"unknown compile setting {setting!r}: use false, true or one of {', '.join(COMPILE_MODES)}"
+        )
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(f"unknown compile_backend {backend!r}: use one of {', '.join(sorted(backends))}")
+    if backend != "inductor":
+        if mode != "default":
+            raise ValueError(
+                f"compile mode {mode!r} is an inductor mode; with compile_backend {backend!r} use true"
+            )
+        return {"backend": backend, "dynamic": False}
+    return {"backend": backend, "mode": mode, "dynamic": False}
+
+
+def loss_function(
+    method, precision: Precision, device: torch.device, *, compiled: bool = True
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(images, labels) -> loss``: ``method.train_logits`` and cross-entropy under autocast.
+
+    Compiled as the method's ``compile`` hyper-parameters say (shapes static: a run sees at most
+    two batch sizes, the full one and the last of an epoch); ``compiled=False`` forces eager, as
+    FLOP counting needs.
+    """
+
+    def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with precision.autocast(device):
+            logits = method.train_logits(images)
+            return F.cross_entropy(logits.float(), labels)
+
+    options = compile_options(method.hp.get("compile", False), method.hp.get("compile_backend", "inductor"))
+    if not compiled or options is None:
+        return loss
+    traced = torch.compile(loss, **options)
+
+    def compiled_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Under CUDA graphs an output lives in memory the next replay overwrites: each call is a
+        # new step, and the loss is cloned because the loop keeps it past the next step.
+        torch.compiler.cudagraph_mark_step_begin()
+        return traced(images, labels).clone()
+
+    return compiled_loss
 
 
 def cosine_lr(step: int, *, total: int, base: float, eta_min: float, warmup: int, warmup_lr: float) -> float:
@@ -170,6 +231,8 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
     if not params:
         raise RuntimeError(f"method {method.name!r} has no trainable parameters")
     started = time.perf_counter()
+    precision = run.precision(hp)
+    compute_loss = loss_function(method, precision, device)  # a bad compile setting stops here
     generator = torch.Generator().manual_seed(run.seed)
     images = decode_uint8(task.train, task.image_root)
     augment = DeviceAugment(
@@ -184,7 +247,6 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
     labels = torch.tensor([int(e[1]) for e in task.train], device=device)
     sampler = BatchSampler(len(images), hp["batch_size"], generator)
     optimizer = make_optimizer(params, hp)
-    precision = run.precision(hp)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     schedule = {
         "total": iterations,
@@ -230,10 +292,7 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, **schedule)
         index = sampler.next()
-        batch = augment(index)
-        with precision.autocast(device):
-            logits = method.train_logits(batch)
-            loss = F.cross_entropy(logits.float(), labels[index])
+        loss = compute_loss(augment(index), labels[index])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -232,3 +232,19 @@ def test_the_benchmark_reference_attention_computes_what_the_adapted_attention_c
     assert torch.allclose(reference(x, x, x, need_weights=False, attn_mask=mask)[0], expected, atol=1e-5)
     frozen = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
     assert not torch.allclose(expected, frozen, atol=1e-3)  # the adapters do change the output
+
+
+def test_the_augmentation_benchmark_times_both_paths_on_the_same_crops(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("augment_benchmark", BENCHMARK.with_name("augment.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "augment.json"
+    argv = ["--device", "cpu", "--batch-size", "4", "--size", "16", "--images", "6", "--steps", "2",
+            "--warmup", "1", "--out", str(out)]  # fmt: skip
+    assert module.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["images"] for r in results] == ["one size 375x500", "mixed 250-640 px"]
+    for r in results:
+        assert r["max_abs_difference"] < 1e-4
+        assert r["per-crop_ms"] > 0 and r["batched_ms"] > 0
+    assert "| per-crop ms | batched ms |" in capsys.readouterr().out

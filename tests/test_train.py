@@ -6,7 +6,7 @@ import torch
 from blocklora.cli import main
 from blocklora.experiment import run_experiment
 from blocklora.methods.lora import LoRA
-from blocklora.train import cosine_lr
+from blocklora.train import compile_options, cosine_lr
 
 FAST = {
     "iterations": 60,
@@ -186,3 +186,57 @@ def test_non_positive_shots_and_a_missing_image_folder_are_named(
             backbone=tiny_config, pretrained=str(tiny_checkpoint), record=tmp_path / "r.json",
             adapter=tmp_path / "a.safetensors", device="cpu", template="{}",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("setting", "backend", "expected"),
+    [
+        (False, "inductor", None),
+        (True, "inductor", {"backend": "inductor", "mode": "default", "dynamic": False}),
+        ("reduce-overhead", "inductor", {"backend": "inductor", "mode": "reduce-overhead", "dynamic": False}),
+        (True, "cudagraphs", {"backend": "cudagraphs", "dynamic": False}),
+    ],
+)
+def test_compile_settings_become_torch_compile_options(setting, backend, expected):
+    assert compile_options(setting, backend) == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "backend", "message"),
+    [
+        ("fastest", "inductor", "unknown compile setting 'fastest'"),
+        (True, "nope", "unknown compile_backend 'nope'"),
+        ("max-autotune", "aot_eager", "'max-autotune' is an inductor mode"),
+    ],
+)
+def test_a_bad_compile_setting_is_named(setting, backend, message):
+    with pytest.raises(ValueError, match=message):
+        compile_options(setting, backend)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_compiled_training_step_trains_as_the_eager_one(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, backend
+):
+    """The compiled loss (traced, autocast inside, a second batch size at each epoch's end) trains alike."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    hp = {**FAST, "iterations": 8, "batch_size": 20, "blocks": 4}  # 48 images: batches of 20, 20, 8
+    eager = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "eager", "blocklora", hp)
+    compiled = _run(
+        tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "compiled", "blocklora",
+        {**hp, "compile": True, "compile_backend": backend},
+    )  # fmt: skip
+    assert compiled["hparams"]["compile"] is True
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # traced: batches of 20 and 8
+    for key in ("loss_first", "loss_last"):
+        assert compiled["train_stats"][key] == pytest.approx(eager["train_stats"][key], rel=1e-4)
+    assert compiled["accuracy"] == eager["accuracy"]
+
+
+def test_a_bad_compile_setting_stops_the_run_before_it_starts(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path
+):
+    with pytest.raises(ValueError, match="unknown compile setting"):
+        _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", {**FAST, "compile": "fastest"})
+    assert not (tmp_path / "lora.json").exists()

@@ -115,12 +115,55 @@ def decode_uint8(entries: Sequence[Sequence], root: str | Path, *, threads: int 
         return list(pool.map(one, entries))
 
 
+def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """Keys' cubic convolution kernel with PIL's a = -0.5 (PyTorch's antialiased bicubic)."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(offsets: torch.Tensor, lengths: torch.Tensor, size: int, extent: int) -> torch.Tensor:
+    """Per-sample 1-D resampling matrices, shape ``(n, size, extent)``.
+
+    Row ``o`` of matrix ``b`` holds the weights with which output pixel ``o`` mixes source
+    pixels ``0 … extent-1`` when the window ``[offsets[b], offsets[b] + lengths[b])`` is resized
+    to ``size`` pixels with ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)``:
+    the same kernel, support and window bounds (PyTorch's ``_compute_weights_aa``), so that
+    ``Wy @ image @ Wxᵀ`` is that resize of the crop, for a whole batch of crop sizes at once.
+    """
+    device = offsets.device
+    lengths = lengths.to(device=device, dtype=torch.float32)[:, None, None]
+    offsets = offsets.to(device=device, dtype=torch.float32)[:, None, None]
+    out = torch.arange(size, device=device, dtype=torch.float32)[None, :, None]
+    source = torch.arange(extent, device=device, dtype=torch.float32)[None, None, :] - offsets
+    scale = lengths / size
+    support = torch.where(scale >= 1, 2 * scale, torch.full_like(scale, 2.0))
+    inv_scale = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
+    center = scale * (out + 0.5)
+    low = (center - support + 0.5).trunc().clamp(min=0)
+    high = torch.minimum((center + support + 0.5).trunc(), lengths)
+    inside = (source >= low) & (source < high)
+    weights = torch.where(inside, _cubic((source - center + 0.5) * inv_scale), 0.0)
+    total = weights.sum(-1, keepdim=True)
+    return weights / torch.where(total == 0, torch.ones_like(total), total)
+
+
 class DeviceAugment:
     """RandomResizedCrop + flip + normalize for a batch of uint8 images kept on the device.
 
     Crop boxes follow torchvision's RandomResizedCrop.get_params (10 tries, then a center
-    crop at the clamped ratio); each crop is resized with bicubic interpolation (antialiased
-    when shrinking), as the PIL transform does.
+    crop at the clamped ratio). Each crop is resized with bicubic interpolation, antialiased when
+    shrinking, as the PIL transform does. Two ways, equal to within float rounding (tested):
+
+    - ``batched=True`` (the default on CUDA): the resize is separable, so the whole batch is
+      resized by two batched matmuls with per-sample weight matrices (:func:`resize_weights`),
+      the flip being a reversal of a weight matrix's rows: a handful of kernel launches per
+      batch instead of several per image. When every image has one size the images are stacked
+      once and a batch is one gather; otherwise the crops are copied into a zero-padded buffer,
+      in chunks of at most ``max_chunk_elements`` so that very large crops stay within memory.
+    - ``batched=False`` (the default on CPU): ``F.interpolate`` crop by crop, whose banded
+      kernels do far less arithmetic than the dense matmuls, which is what counts on a CPU.
     """
 
     def __init__(
@@ -134,8 +177,15 @@ class DeviceAugment:
         scale: Sequence[float] = (0.08, 1.0),
         ratio: Sequence[float] = (3 / 4, 4 / 3),
         generator: torch.Generator | None = None,
+        batched: bool | None = None,
+        max_chunk_elements: int = 1 << 26,
     ) -> None:
+        if not images:
+            raise ValueError("no images to augment: the few-shot training set is empty")
         self.images = [img.to(device, non_blocking=True) for img in images]
+        shapes = {tuple(img.shape) for img in self.images}
+        self.batched = device.type == "cuda" if batched is None else batched
+        self.stacked = torch.stack(self.images) if self.batched and len(shapes) == 1 else None
         self.size = size
         self.scale = tuple(scale)
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -144,6 +194,7 @@ class DeviceAugment:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.generator = generator
+        self.max_chunk_elements = max_chunk_elements
 
     def _box(self, height: int, width: int) -> tuple[int, int, int, int]:
         area = height * width
@@ -167,17 +218,65 @@ class DeviceAugment:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, indices: Sequence[int]) -> torch.Tensor:
-        crops = []
+        indices = [int(i) for i in indices]
         flips = torch.rand(len(indices), generator=self.generator) < 0.5
-        for n, index in enumerate(indices):
-            img = self.images[int(index)]
-            i, j, h, w = self._box(img.shape[1], img.shape[2])
-            crop = img[None, :, i : i + h, j : j + w].float()
-            crop = F.interpolate(
-                crop, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
+        boxes = [self._box(*self.images[i].shape[1:]) for i in indices]
+        if not self.batched:
+            batch = torch.cat(
+                [self._interpolate(i, box, flip) for i, box, flip in zip(indices, boxes, flips, strict=True)]
             )
-            if flips[n]:
-                crop = crop.flip(-1)
-            crops.append(crop)
-        batch = torch.cat(crops).clamp_(0, 255).div_(255)
-        return (batch - self.mean) / self.std
+        elif self.stacked is not None:
+            batch = self._resample(self.stacked[torch.tensor(indices, device=self.device)], boxes, flips)
+        else:
+            batch = torch.empty(len(indices), 3, self.size, self.size, device=self.device)
+            for chunk in self._chunks(boxes):
+                source = self._padded_crops([indices[n] for n in chunk], [boxes[n] for n in chunk])
+                origin = [(0, 0, boxes[n][2], boxes[n][3]) for n in chunk]
+                batch[torch.tensor(chunk, device=self.device)] = self._resample(source, origin, flips[chunk])
+        return (batch.clamp_(0, 255).div_(255) - self.mean) / self.std
+
+    def _interpolate(self, index: int, box: tuple[int, int, int, int], flip: torch.Tensor) -> torch.Tensor:
+        i, j, h, w = box
+        crop = self.images[index][None, :, i : i + h, j : j + w].float()
+        crop = F.interpolate(
+            crop, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
+        )
+        return crop.flip(-1) if flip else crop
+
+    def _padded_crops(self, indices: list[int], boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        """The crops copied to the top-left corner of one zero-padded uint8 buffer."""
+        height, width = max(b[2] for b in boxes), max(b[3] for b in boxes)
+        buffer = torch.zeros(len(indices), 3, height, width, dtype=torch.uint8, device=self.device)
+        for k, (index, (i, j, h, w)) in enumerate(zip(indices, boxes, strict=True)):
+            buffer[k, :, :h, :w] = self.images[index][:, i : i + h, j : j + w]
+        return buffer
+
+    def _chunks(self, boxes: list[tuple[int, int, int, int]]) -> list[list[int]]:
+        """Batch positions grouped, largest crops first, so each padded buffer fits the budget."""
+        order = sorted(range(len(boxes)), key=lambda n: boxes[n][2] * boxes[n][3], reverse=True)
+        chunks: list[list[int]] = []
+        height = width = 0
+        for n in order:
+            h, w = boxes[n][2], boxes[n][3]
+            grown = (len(chunks[-1]) + 1) * 3 * max(height, h) * max(width, w) if chunks else None
+            if grown is None or grown > self.max_chunk_elements:
+                chunks.append([n])
+                height, width = h, w
+            else:
+                chunks[-1].append(n)
+                height, width = max(height, h), max(width, w)
+        return chunks
+
+    def _resample(
+        self, source: torch.Tensor, boxes: list[tuple[int, int, int, int]], flips: torch.Tensor
+    ) -> torch.Tensor:
+        """Resize box ``b`` of ``source[b]`` to size × size (flipped where ``flips[b]``), as floats."""
+        top, left, height, width = (
+            torch.tensor(column, device=self.device) for column in zip(*boxes, strict=True)
+        )
+        rows = resize_weights(top, height, self.size, source.shape[2])
+        cols = resize_weights(left, width, self.size, source.shape[3])
+        flip = flips.to(self.device)[:, None, None]
+        cols = torch.where(flip, cols.flip(1), cols)
+        # (n, 1, S, H) @ (n, 3, H, W) @ (n, 1, W, S): vertical then horizontal pass, per sample
+        return rows[:, None] @ source.float() @ cols.transpose(1, 2)[:, None]

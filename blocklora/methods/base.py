@@ -34,6 +34,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "num_workers": 4,
     "log_every": 50,
     "checkpoint_every": 500,
+    "compile": False,
+    "compile_backend": "inductor",
 }
 EVAL_DEFAULTS: dict[str, Any] = {
     "precision": "auto",

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from blocklora.data.loading import (
@@ -10,6 +11,7 @@ from blocklora.data.loading import (
     decode_uint8,
     eval_transform,
     read_image,
+    resize_weights,
 )
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -70,3 +72,74 @@ def test_device_augment_crops_follow_the_scale_range(tmp_path):
     assert torch.allclose(out.mean(dim=(1, 2, 3)), torch.full((8,), 0.5), atol=0.02)
     flipped = out[:, 0, 10, 2] > 0.5  # bright on the left means flipped
     assert 0 < int(flipped.sum()) < 8
+
+
+@pytest.mark.parametrize("size", [7, 24])
+def test_resize_weights_equal_antialiased_bicubic_interpolation(size):
+    """Each weight row is what F.interpolate(bicubic, antialias) gives that window, up or down."""
+    generator = torch.Generator().manual_seed(0)
+    extent = 60
+    for length in [1, 2, 5, size - 1, size, size + 1, 2 * size + 3, extent]:
+        for offset in {0, extent - length, (extent - length) // 3}:
+            signal = torch.rand(extent, generator=generator) * 255
+            expected = F.interpolate(
+                signal[None, None, None, offset : offset + length],
+                size=(1, size),
+                mode="bicubic",
+                align_corners=False,
+                antialias=True,
+            ).flatten()
+            weights = resize_weights(torch.tensor([offset]), torch.tensor([length]), size, extent)[0]
+            assert weights.shape == (size, extent)
+            assert not weights[:, :offset].any() and not weights[:, offset + length :].any()
+            torch.testing.assert_close(weights @ signal, expected, atol=1e-3, rtol=1e-5)
+
+
+def _per_crop_reference(augment, images, indices):
+    """The transform written out: the boxes and flips a same-seeded augment draws, F.interpolate each."""
+    flips = torch.rand(len(indices), generator=augment.generator) < 0.5
+    crops = []
+    for n, index in enumerate(indices):
+        img = images[index]
+        i, j, h, w = augment._box(img.shape[1], img.shape[2])
+        crop = F.interpolate(
+            img[None, :, i : i + h, j : j + w].float(),
+            size=(augment.size, augment.size),
+            mode="bicubic",
+            align_corners=False,
+            antialias=True,
+        )
+        crops.append(crop.flip(-1) if flips[n] else crop)
+    return (torch.cat(crops).clamp(0, 255) / 255 - augment.mean) / augment.std
+
+
+@pytest.mark.parametrize(
+    ("batched", "same_size", "max_chunk_elements"),
+    [(False, False, 1 << 26), (True, True, 1 << 26), (True, False, 1 << 26), (True, False, 3 * 40 * 40)],
+)
+def test_augment_equals_the_transform_cropping_one_image_at_a_time(batched, same_size, max_chunk_elements):
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(37, 53)] * 5 if same_size else [(37, 53), (90, 20), (16, 16), (120, 75), (41, 41)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in shapes]
+
+    def make(seed):
+        return DeviceAugment(images, 24, MEAN, STD, device=torch.device("cpu"), scale=(0.05, 1.0),
+                             generator=torch.Generator().manual_seed(seed), batched=batched,
+                             max_chunk_elements=max_chunk_elements)  # fmt: skip
+
+    augment, reference = make(11), make(11)
+    assert (augment.stacked is not None) == (batched and same_size)
+    if batched and not same_size and max_chunk_elements < 1 << 20:
+        boxes = [(0, 0, h, w) for h, w in shapes]
+        assert len(augment._chunks(boxes)) > 1  # the small budget does split the batch
+    indices = [0, 1, 2, 3, 4, 3, 2, 1, 0, 4, 4, 0]
+    for _ in range(3):  # several batches: the generator advances identically
+        got = augment(indices)
+        want = _per_crop_reference(reference, images, indices)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_augment_is_batched_by_default_only_on_cuda():
+    images = [torch.zeros(3, 8, 8, dtype=torch.uint8)]
+    assert not DeviceAugment(images, 4, MEAN, STD, device=torch.device("cpu")).batched
+    assert DeviceAugment(images, 4, MEAN, STD, device=torch.device("cpu"), batched=True).batched
