@@ -182,10 +182,14 @@ class DeviceAugment:
     ) -> None:
         if not images:
             raise ValueError("no images to augment: the few-shot training set is empty")
-        self.images = [img.to(device, non_blocking=True) for img in images]
-        shapes = {tuple(img.shape) for img in self.images}
         self.batched = device.type == "cuda" if batched is None else batched
-        self.stacked = torch.stack(self.images) if self.batched and len(shapes) == 1 else None
+        self.stacked = None
+        if self.batched and len({tuple(img.shape) for img in images}) == 1:
+            # stacked on the host, so that the device holds the images once
+            self.stacked = torch.stack(list(images)).to(device, non_blocking=True)
+            self.images = list(self.stacked.unbind(0))
+        else:
+            self.images = [img.to(device, non_blocking=True) for img in images]
         self.size = size
         self.scale = tuple(scale)
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))

@@ -129,6 +129,9 @@ def test_augment_equals_the_transform_cropping_one_image_at_a_time(batched, same
 
     augment, reference = make(11), make(11)
     assert (augment.stacked is not None) == (batched and same_size)
+    if augment.stacked is not None:  # the images are views of the stack, not a second copy
+        assert all(img.untyped_storage().data_ptr() == augment.stacked.untyped_storage().data_ptr()
+                   for img in augment.images)  # fmt: skip
     if batched and not same_size and max_chunk_elements < 1 << 20:
         boxes = [(0, 0, h, w) for h, w in shapes]
         assert len(augment._chunks(boxes)) > 1  # the small budget does split the batch
