@@ -160,8 +160,9 @@ class DeviceAugment:
       resized by two batched matmuls with per-sample weight matrices (:func:`resize_weights`),
       the flip being a reversal of a weight matrix's rows: a handful of kernel launches per
       batch instead of several per image. When every image has one size the images are stacked
-      once and a batch is one gather; otherwise the crops are copied into a zero-padded buffer,
-      in chunks of at most ``max_chunk_elements`` so that very large crops stay within memory.
+      once and a batch is gathered from the stack; otherwise the crops are copied into a
+      zero-padded buffer. Either way in chunks of at most ``max_chunk_elements`` source pixels
+      (one chunk for ordinary image sizes), so that very large images stay within memory.
     - ``batched=False`` (the default on CPU): ``F.interpolate`` crop by crop, whose banded
       kernels do far less arithmetic than the dense matmuls, which is what counts on a CPU.
     """
@@ -230,7 +231,12 @@ class DeviceAugment:
                 [self._interpolate(i, box, flip) for i, box, flip in zip(indices, boxes, flips, strict=True)]
             )
         elif self.stacked is not None:
-            batch = self._resample(self.stacked[torch.tensor(indices, device=self.device)], boxes, flips)
+            per = max(1, self.max_chunk_elements // self.stacked[0].numel())
+            batch = torch.cat([
+                self._resample(self.stacked[torch.tensor(indices[k : k + per], device=self.device)],
+                               boxes[k : k + per], flips[k : k + per])
+                for k in range(0, len(indices), per)
+            ])  # fmt: skip
         else:
             batch = torch.empty(len(indices), 3, self.size, self.size, device=self.device)
             for chunk in self._chunks(boxes):

@@ -115,7 +115,13 @@ def _per_crop_reference(augment, images, indices):
 
 @pytest.mark.parametrize(
     ("batched", "same_size", "max_chunk_elements"),
-    [(False, False, 1 << 26), (True, True, 1 << 26), (True, False, 1 << 26), (True, False, 3 * 40 * 40)],
+    [
+        (False, False, 1 << 26),
+        (True, True, 1 << 26),
+        (True, True, 3 * 40 * 40),
+        (True, False, 1 << 26),
+        (True, False, 3 * 40 * 40),
+    ],
 )
 def test_augment_equals_the_transform_cropping_one_image_at_a_time(batched, same_size, max_chunk_elements):
     generator = torch.Generator().manual_seed(3)
