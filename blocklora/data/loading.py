@@ -9,7 +9,7 @@ unreadable image stops the run with its path: nothing is skipped silently.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -230,18 +230,9 @@ class DeviceAugment:
             batch = torch.cat(
                 [self._interpolate(i, box, flip) for i, box, flip in zip(indices, boxes, flips, strict=True)]
             )
-        elif self.stacked is not None:
-            per = max(1, self.max_chunk_elements // self.stacked[0].numel())
-            batch = torch.cat([
-                self._resample(self.stacked[torch.tensor(indices[k : k + per], device=self.device)],
-                               boxes[k : k + per], flips[k : k + per])
-                for k in range(0, len(indices), per)
-            ])  # fmt: skip
         else:
             batch = torch.empty(len(indices), 3, self.size, self.size, device=self.device)
-            for chunk in self._chunks(boxes):
-                source = self._padded_crops([indices[n] for n in chunk], [boxes[n] for n in chunk])
-                origin = [(0, 0, boxes[n][2], boxes[n][3]) for n in chunk]
+            for chunk, source, origin in self._sources(indices, boxes):
                 batch[torch.tensor(chunk, device=self.device)] = self._resample(source, origin, flips[chunk])
         return (batch.clamp_(0, 255).div_(255) - self.mean) / self.std
 
@@ -253,13 +244,38 @@ class DeviceAugment:
         )
         return crop.flip(-1) if flip else crop
 
-    def _padded_crops(self, indices: list[int], boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:
-        """The crops copied to the top-left corner of one zero-padded uint8 buffer."""
-        height, width = max(b[2] for b in boxes), max(b[3] for b in boxes)
-        buffer = torch.zeros(len(indices), 3, height, width, dtype=torch.uint8, device=self.device)
-        for k, (index, (i, j, h, w)) in enumerate(zip(indices, boxes, strict=True)):
-            buffer[k, :, :h, :w] = self.images[index][:, i : i + h, j : j + w]
-        return buffer
+    def _sources(
+        self, indices: list[int], boxes: list[tuple[int, int, int, int]]
+    ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, int, int, int]]]]:
+        """``(batch positions, uint8 source images, boxes within them)`` per chunk of the batch.
+
+        One size: slices of the stack, whole images per chunk. Otherwise: the crops, largest first,
+        copied to the top-left corner of a zero-padded buffer. Either way each chunk holds at most
+        ``max_chunk_elements`` source pixels (or a single image or crop that alone exceeds it).
+        """
+        if self.stacked is not None:
+            per = max(1, self.max_chunk_elements // self.stacked[0].numel())
+            for k in range(0, len(indices), per):
+                chunk = list(range(k, min(k + per, len(indices))))
+                yield (
+                    chunk,
+                    self.stacked[torch.tensor(indices[k : k + per], device=self.device)],
+                    boxes[k : k + per],
+                )
+            return
+        for chunk in self._chunks(boxes):
+            crops = [boxes[n] for n in chunk]
+            buffer = torch.zeros(
+                len(chunk),
+                3,
+                max(b[2] for b in crops),
+                max(b[3] for b in crops),
+                dtype=torch.uint8,
+                device=self.device,
+            )
+            for k, (n, (i, j, h, w)) in enumerate(zip(chunk, crops, strict=True)):
+                buffer[k, :, :h, :w] = self.images[indices[n]][:, i : i + h, j : j + w]
+            yield chunk, buffer, [(0, 0, h, w) for _, _, h, w in crops]
 
     def _chunks(self, boxes: list[tuple[int, int, int, int]]) -> list[list[int]]:
         """Batch positions grouped, largest crops first, so each padded buffer fits the budget."""
@@ -269,12 +285,12 @@ class DeviceAugment:
         for n in order:
             h, w = boxes[n][2], boxes[n][3]
             grown = (len(chunks[-1]) + 1) * 3 * max(height, h) * max(width, w) if chunks else None
-            if grown is None or grown > self.max_chunk_elements:
-                chunks.append([n])
-                height, width = h, w
-            else:
+            if grown is not None and grown <= self.max_chunk_elements:
                 chunks[-1].append(n)
                 height, width = max(height, h), max(width, w)
+            else:
+                chunks.append([n])
+                height, width = h, w
         return chunks
 
     def _resample(
