@@ -24,7 +24,7 @@ from blocklora.data.loading import DeviceAugment
 from blocklora.io import write_json
 from blocklora.profiling import time_interleaved
 from blocklora.records import device_name, package_versions
-from blocklora.train import resolve_device
+from blocklora.runtime import resolve_device
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 

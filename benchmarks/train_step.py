@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -31,14 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocklora.adapters import LowRankAdapter
-from blocklora.clip import load_backbone
-from blocklora.experiment import count_parameters
+from blocklora.experiment import build_run
 from blocklora.inject import encoder_blocks
 from blocklora.io import write_json
-from blocklora.methods import Method, get_method, method_names, resolve_hparams
+from blocklora.methods import Method, get_method, method_names, register_method, resolve_hparams
 from blocklora.methods.lora import LoRA
 from blocklora.profiling import (
-    TrainStep,
     count_flops,
     has_generic_step,
     peak_memory_mib,
@@ -47,7 +46,8 @@ from blocklora.profiling import (
     time_calls,
 )
 from blocklora.records import device_name, package_versions
-from blocklora.train import Precision, resolve_device, seed_everything
+from blocklora.runtime import resolve_device
+from blocklora.train import TrainStep
 
 REFERENCE = "reference"
 
@@ -123,6 +123,7 @@ class _Frozen(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+@register_method
 class CLIPLoRAReference(Method):
     """CLIP-LoRA-style training step: unfused dense-ΔW q/k/v adapters, prompts at 77 positions."""
 
@@ -155,34 +156,37 @@ class CLIPLoRAReference(Method):
 
 def generic_methods() -> list[str]:
     """Registered methods with a training step of the generic loop (``train_logits``)."""
-    return [name for name in method_names() if has_generic_step(get_method(name))]
+    return [name for name in method_names() if name != REFERENCE and has_generic_step(get_method(name))]
 
 
 def measure(
     variant: str, args: argparse.Namespace, classes: int, device: torch.device, hparams: dict[str, Any]
 ) -> dict[str, Any]:
     """Build ``variant`` on a fresh random-init backbone and time its training step."""
-    seed_everything(0)
-    cls = CLIPLoRAReference if variant == REFERENCE else get_method(variant)
-    allowed = cls.all_defaults()
-    hp = resolve_hparams(cls, {k: v for k, v in hparams.items() if k in allowed})
-    backbone = load_backbone(args.backbone, None, device="cpu")
-    backbone.model.requires_grad_(False)  # as blocklora.experiment does before a method's setup
-    backbone.model.to(device)
-    method = cls(backbone, synthetic_task(classes, hp.get("template") or "a photo of a {}."), hp)
-    method.setup()
+    cls = get_method(variant)
+    hp = resolve_hparams(cls, {k: v for k, v in hparams.items() if k in cls.all_defaults()})
+    method, run, (trainable, _) = build_run(
+        cls,
+        hp,
+        synthetic_task(classes),
+        backbone=args.backbone,
+        pretrained=None,
+        device=device,
+        seed=0,
+        progress=False,
+    )
     if not has_generic_step(method):
         raise ValueError(f"variant {variant!r} does not train with the generic loop")
-    trainable, _ = count_parameters([backbone.model, *method.extra_modules()])
+    backbone, precision = method.backbone, run.precision(method.hp)
     generator = torch.Generator().manual_seed(0)
     size = backbone.image_size
     images = torch.randn(args.batch_size, 3, size, size, generator=generator).to(device)
     labels = torch.randint(classes, (args.batch_size,), generator=generator).to(device)
-    step = TrainStep(method, images, labels, device)
+    step = TrainStep(method, precision, device)
     method.modules_to_train().train()
-    flops = count_flops(step.forward_backward) if args.flops else None
+    flops = count_flops(partial(step.forward_backward, images, labels)) if args.flops else None
     reset_peak_memory(device)
-    times = time_calls(step, device, warmup=args.warmup, steps=args.steps)
+    times = time_calls(partial(step, images, labels), device, warmup=args.warmup, steps=args.steps)
     peak = peak_memory_mib(device)
     tokens = getattr(method, "tokens", None)
     result = {
@@ -195,7 +199,7 @@ def measure(
         "trainable_params": trainable,
         "train_flops_per_step": flops,
         "text_tokens": None if tokens is None else int(tokens.shape[1]),
-        "precision": Precision.resolve(hp.get("precision", "auto"), device).name,
+        "precision": precision.name,
     }
     step.close()
     del step, method, backbone, images, labels

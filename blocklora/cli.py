@@ -47,7 +47,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from blocklora.data.download import prepare_dataset
+    from blocklora.data.prepare import prepare_dataset
 
     path = prepare_dataset(
         args.dataset, args.data_root, archives_dir=args.archives_dir, download=not args.offline
@@ -57,7 +57,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from blocklora.data.download import fetch_dataset
+    from blocklora.data.prepare import fetch_dataset
 
     print(fetch_dataset(args.dataset, args.data_root, archives_dir=args.archives_dir))
     return 0
@@ -152,13 +152,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         **_run_kwargs(args),
         dataset=args.dataset,
         fewshot=args.fewshot,
-        adapter=args.adapter,
+        state=args.state,
         cache_dir=args.cache_dir,
     )
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_transfer(args: argparse.Namespace) -> int:
     _claim_gpu_if_needed(args.device)
     _set_threads(args.threads)
     from blocklora.experiment import run_transfer
@@ -312,18 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p)
     p.add_argument("--dataset", required=True)
     p.add_argument("--fewshot", required=True, help="few-shot file written by `blocklora fewshot`")
-    p.add_argument("--adapter", required=True, help="where to write the learned state (safetensors)")
+    p.add_argument(
+        "--state",
+        required=True,
+        help="where to write the learned state: adapters, prompts, heads (safetensors)",
+    )
     p.add_argument("--cache-dir", default=None, help="folder for reusable frozen image features")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="test a method trained on one dataset on another (transfer)")
+    p = sub.add_parser(
+        "transfer", help="test a method trained on one dataset on another dataset's test split"
+    )
     _add_run_arguments(p)
     p.add_argument("--source", required=True, help="dataset the method was trained on")
     p.add_argument("--source-fewshot", required=True, help="the few-shot file it was trained with")
     p.add_argument("--state", required=True, help="its learned state (the train job's adapter file)")
     p.add_argument("--dataset", required=True, help="target dataset")
     p.add_argument("--split", required=True, help="the target's split file (its test split is used)")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_transfer)
     p = sub.add_parser("profile", help="parameters, FLOPs, step time, memory and latency of one method")
     p.add_argument("--method", required=True)
     p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")

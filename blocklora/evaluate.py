@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from blocklora.data.loading import eval_transform, image_loader
 from blocklora.features import image_features
-from blocklora.train import RunContext
+from blocklora.runtime import RunContext
 
 
 @torch.no_grad()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,9 @@ import torch
 from blocklora.clip import load_backbone
 from blocklora.data.splits import read_split
 from blocklora.evaluate import evaluate
+from blocklora.inject import count_parameters
 from blocklora.io import write_json
-from blocklora.methods import FewShotTask, get_method, resolve_hparams
+from blocklora.methods import FewShotTask, Method, configured_method
 from blocklora.records import (
     PROTOCOL_VERSION,
     config_hash,
@@ -23,7 +23,7 @@ from blocklora.records import (
     now,
     package_versions,
 )
-from blocklora.train import RunContext, resolve_device, seed_everything
+from blocklora.runtime import RunContext, resolve_device, seed_everything
 
 log = logging.getLogger("blocklora")
 
@@ -49,25 +49,33 @@ def dataset_template(dataset: str) -> str:
     return get_dataset(dataset).template
 
 
-def count_parameters(modules: Sequence[torch.nn.Module] | torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, each tensor counted once."""
-    modules = [modules] if isinstance(modules, torch.nn.Module) else list(modules)
-    seen: dict[int, torch.nn.Parameter] = {}
-    for module in modules:
-        for p in module.parameters():
-            seen[id(p)] = p
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return trainable, sum(p.numel() for p in seen.values())
+def build_run(
+    method_cls: type[Method],
+    hparams: dict[str, Any],
+    task: FewShotTask,
+    *,
+    backbone: str,
+    pretrained: str | None,
+    device: str | torch.device = "auto",
+    seed: int,
+    **run_kwargs: Any,
+) -> tuple[Method, RunContext, tuple[int, int]]:
+    """Everything before training, the same for a run, a transfer and a profile.
 
-
-def _start(method: str, module: str | None, hparams, device: str, seed: int, **run_kwargs):
-    method_cls = get_method(method, module)
-    hp = resolve_hparams(method_cls, hparams)
+    Seeds every generator, loads the backbone frozen on the run's device, builds the method with its
+    resolved hyper-parameters (:func:`blocklora.methods.configured_method`) and its trainable parts
+    (``setup``), and counts the parameters. Returns the method, the run context and (trainable,
+    total) parameters.
+    """
     run = RunContext(device=resolve_device(device), seed=seed, **run_kwargs)
     seed_everything(seed)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    return method_cls, hp, run
+    loaded = load_backbone(backbone, pretrained, device=run.device)
+    loaded.model.requires_grad_(False)
+    instance = method_cls(loaded, task, hparams)
+    instance.setup()
+    return instance, run, count_parameters([loaded.model, *instance.extra_modules()])
 
 
 def _check_image_root(image_root: str | Path, dataset: str) -> Path:
@@ -103,7 +111,7 @@ def _record(
         "seed": task.seed,
         "backbone": backbone.name,
         "pretrained": backbone.pretrained,
-        "template": task.template,
+        "template": instance.prompt_template(),
         "hparams": instance.hp,
         **extra,
     }
@@ -130,7 +138,7 @@ def _record(
         "device": device_name(run.device),
         "train_stats": {k: v for k, v in stats.items() if k not in ("iterations", "train_seconds")},
         "hparams": instance.hp,
-        "template": task.template,
+        "template": instance.prompt_template(),
         **extra,
         "protocol_version": PROTOCOL_VERSION,
         "config_hash": config_hash(resolved),
@@ -154,7 +162,7 @@ def run_experiment(
     pretrained: str | None,
     hparams: dict[str, Any] | None = None,
     record: str | Path,
-    adapter: str | Path,
+    state: str | Path,
     device: str = "auto",
     suite: str | None = None,
     template: str | None = None,
@@ -166,16 +174,7 @@ def run_experiment(
     """Train and evaluate one run; write the state file, then the record (both atomically)."""
     if shots <= 0:
         raise ValueError(f"shots must be a positive integer, got {shots}")
-    method_cls, hp, run = _start(
-        method,
-        module,
-        hparams,
-        device,
-        seed,
-        progress=progress,
-        cache_dir=Path(cache_dir) if cache_dir else None,
-        checkpoint=checkpoint_path(record),
-    )
+    method_cls, hp = configured_method(method, module, hparams)
     splits = read_split(fewshot)
     task = FewShotTask(
         dataset=dataset,
@@ -188,16 +187,23 @@ def run_experiment(
         shots=shots,
         seed=seed,
     )
-    loaded = load_backbone(backbone, pretrained, device=run.device)
-    loaded.model.requires_grad_(False)
-    instance = method_cls(loaded, task, hp)
-    instance.setup()
-    params = count_parameters([loaded.model, *instance.extra_modules()])
+    instance, run, params = build_run(
+        method_cls,
+        hp,
+        task,
+        backbone=backbone,
+        pretrained=pretrained,
+        device=device,
+        seed=seed,
+        progress=progress,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        checkpoint=checkpoint_path(record),
+    )
     log.info(
         "%s on %s, %d shots, seed %d: %d trainable of %d parameters", method, dataset, shots, seed, *params
     )
     stats = instance.fit(run)
-    instance.save(adapter, dataset=dataset, shots=shots, seed=seed)
+    instance.save(state, dataset=dataset, shots=shots, seed=seed)
     result = evaluate(instance, task.test, task.image_root, run)
     rec = _record(
         instance=instance,
@@ -293,7 +299,7 @@ def run_transfer(
     variant: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a method trained on ``source`` (its saved state) on ``target``'s full test split."""
-    method_cls, hp, run = _start(method, module, hparams, device, seed, progress=progress)
+    method_cls, hp = configured_method(method, module, hparams)
     task, subset, same_labels = transfer_task(
         source=source,
         source_fewshot=source_fewshot,
@@ -309,11 +315,16 @@ def run_transfer(
             f"method {method!r} learns parameters tied to {source}'s classes, so it cannot be tested on "
             f"{target}, which has other classes; drop it from this suite's methods"
         )
-    loaded = load_backbone(backbone, pretrained, device=run.device)
-    loaded.model.requires_grad_(False)
-    instance = method_cls(loaded, task, hp)
-    instance.setup()
-    params = count_parameters([loaded.model, *instance.extra_modules()])
+    instance, run, params = build_run(
+        method_cls,
+        hp,
+        task,
+        backbone=backbone,
+        pretrained=pretrained,
+        device=device,
+        seed=seed,
+        progress=progress,
+    )
     instance.load(state)
     result = evaluate(instance, task.test, task.image_root, run, label_subset=subset)
     rec = _record(

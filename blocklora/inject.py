@@ -22,8 +22,8 @@ from blocklora.io import read_tensors, write_tensors
 
 TARGETS = ("q", "k", "v", "o")
 ENCODERS = ("vision", "text")
-METHODS = {"lora": 1, "blocklora": None}  # method -> forced blocks (None: from the argument)
-ADAPTER_FORMAT = "blocklora-adapters/1"
+KINDS = {"lora": 1, "blocklora": None}  # adapter kind -> forced blocks (None: from the argument)
+ADAPTER_FORMAT = "blocklora-adapters/2"
 
 
 class AdaptedAttention(nn.Module):
@@ -208,7 +208,7 @@ def _normalize_tuple(values: str | Iterable[str], allowed: Sequence[str], what: 
 
 def apply_adapters(
     model: nn.Module,
-    method: str,
+    kind: str,
     *,
     rank: int = 2,
     alpha: float = 1.0,
@@ -220,17 +220,17 @@ def apply_adapters(
     scaling: str = "sqrt",
     fuse: bool = True,
 ) -> nn.Module:
-    """Freeze ``model`` and add ``method`` ("lora" or "blocklora") adapters in place; returns it.
+    """Freeze ``model`` and add adapters of ``kind`` ("lora" or "blocklora") in place; returns it.
 
-    ``method="lora"`` ignores ``blocks`` (it is LoRA: one block).
+    ``kind="lora"`` ignores ``blocks`` (it is LoRA: one block).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown adapter method {method!r}: use one of {sorted(METHODS)}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}: use one of {sorted(KINDS)}")
     if getattr(model, "blocklora_config", None) is not None:
         raise RuntimeError("this model already has adapters; load a fresh backbone to add others")
     targets = _normalize_tuple(targets, TARGETS, "targets")
     encoders = _normalize_tuple(encoders, ENCODERS, "encoders")
-    blocks = METHODS[method] or blocks
+    blocks = KINDS[kind] or blocks
     for p in model.parameters():
         p.requires_grad_(False)
     chosen_layers: dict[str, list[int]] = {}
@@ -259,7 +259,7 @@ def apply_adapters(
             }
             block.attn = AdaptedAttention(mha, adapters, fuse=fuse).train(mha.training)
     model.blocklora_config = {
-        "method": method,
+        "kind": kind,
         "rank": rank,
         "alpha": alpha,
         "dropout": dropout,
@@ -338,6 +338,14 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def count_parameters(modules: Sequence[nn.Module] | nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of one or several modules, each tensor counted once."""
+    modules = [modules] if isinstance(modules, nn.Module) else list(modules)
+    seen = {id(p): p for module in modules for p in module.parameters()}
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, sum(p.numel() for p in seen.values())
+
+
 def backbone_identity(model: nn.Module) -> dict[str, Any]:
     return dict(getattr(model, "blocklora_backbone", {}) or {})
 
@@ -356,7 +364,10 @@ def save_adapters(model: nn.Module, path: str | Path, **extra: Any) -> None:
 def check_compatible(saved: dict[str, Any], model: nn.Module, path: str | Path) -> None:
     """Refuse an adapter file made for another backbone or adapter configuration."""
     if saved.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path} is not a blocklora adapter file (format {saved.get('format')!r})")
+        raise ValueError(
+            f"{path} is not an adapter file of this blocklora (format {saved.get('format')!r}, expected "
+            f"{ADAPTER_FORMAT!r}); retrain it with this version"
+        )
     mine, theirs = backbone_identity(model), saved.get("backbone", {})
     for key in ("name", "pretrained"):
         if mine.get(key) and theirs.get(key) and mine[key] != theirs[key]:

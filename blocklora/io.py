@@ -40,14 +40,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
-    """Write JSON atomically (temporary file, fsync, rename); ``indent=None`` for compact files."""
+def write_text(path: str | Path, text: str) -> Path:
+    """Write text atomically (temporary file, fsync, rename)."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, default=str)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     return Path(path)
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
+    """Write JSON atomically (temporary file, fsync, rename); ``indent=None`` for compact files."""
+    return write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

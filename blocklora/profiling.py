@@ -1,9 +1,10 @@
 """Efficiency of a method: parameters, training FLOPs, step time, peak memory, inference latency.
 
 A method is profiled on a synthetic task (classes "class 0", "class 1", …, random images), so no
-dataset is needed. The training step is the body of :func:`blocklora.train.train_loop` on one
-fixed batch: autocast per the method's precision, ``train_logits``, cross-entropy, backward,
-optimizer step (data augmentation and the learning-rate schedule are left out). Inference is
+dataset is needed. The training step is :class:`blocklora.train.TrainStep`, the step the training
+loop runs, on one fixed batch: autocast per the method's precision, ``train_logits``,
+cross-entropy, backward, optimizer step (data augmentation and the learning-rate schedule are left
+out). Inference is
 ``eval_logits`` after ``prepare_eval`` (merged adapters) against the frozen backbone (image
 encoder + the same-shaped text classifier), timed interleaved on one batch.
 
@@ -16,13 +17,12 @@ for FLOPs, step time and training peak memory.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import copy
 import logging
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from blocklora.clip import encode_text, load_backbone
-from blocklora.experiment import count_parameters
+from blocklora.experiment import build_run
 from blocklora.io import write_json
-from blocklora.methods import FewShotTask, Method, get_method, resolve_hparams
+from blocklora.methods import FewShotTask, Method, configured_method
 from blocklora.records import device_name, now, package_versions
-from blocklora.train import Precision, loss_function, make_optimizer, resolve_device, seed_everything
+from blocklora.runtime import seed_everything
+from blocklora.train import TrainStep
 
 log = logging.getLogger("blocklora")
 
@@ -137,46 +138,6 @@ def has_generic_step(method: Method | type[Method]) -> bool:
     return cls.train_logits is not Method.train_logits
 
 
-class TrainStep:
-    """One iteration of the body of :func:`blocklora.train.train_loop` on a fixed batch."""
-
-    def __init__(
-        self, method: Method, images: torch.Tensor, labels: torch.Tensor, device: torch.device
-    ) -> None:
-        self.method, self.images, self.labels, self.device = method, images, labels, device
-        self.params = method.trainable_parameters()
-        if not self.params:
-            raise RuntimeError(f"method {method.name!r} has no trainable parameters")
-        self.optimizer = make_optimizer(self.params, method.hp)
-        self.precision = Precision.resolve(method.hp.get("precision", "auto"), device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.scaler)
-        # compiled as the method's ``compile`` hyper-parameter says; FLOPs are counted eagerly
-        self.compute_loss = loss_function(method, self.precision, device)
-        self.eager_loss = loss_function(method, self.precision, device, compiled=False)
-
-    def loss(self) -> torch.Tensor:
-        return self.compute_loss(self.images, self.labels)
-
-    def forward_backward(self) -> None:
-        """Forward and backward only, eager (what FLOPs are counted on); gradients are dropped."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(self.eager_loss(self.images, self.labels)).backward()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def __call__(self) -> torch.Tensor:
-        loss = self.loss()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach()
-
-    def close(self) -> None:
-        """Free the gradients and the optimizer state."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer.state.clear()
-
-
 # ------------------------------------------------------------------ profiling one method
 
 
@@ -232,38 +193,42 @@ def profile_method(
     profile (a config entry such as ``blocklora_n4``; default: the method). With ``out`` the
     result is also written there atomically as JSON.
     """
-    method_cls = get_method(method_name, module)
-    hp = resolve_hparams(method_cls, dict(hparams or {}))
+    method_cls, hp = configured_method(method_name, module, dict(hparams or {}))
+    task = synthetic_task(num_classes, DEFAULT_TEMPLATE, classnames)
+    method, run, (trainable, total) = build_run(
+        method_cls,
+        hp,
+        task,
+        backbone=backbone_name,
+        pretrained=pretrained,
+        device=device,
+        seed=seed,
+        progress=False,
+    )
+    dev, backbone = run.device, method.backbone
     batch = int(batch_size or hp.get("batch_size", 32))
-    dev = resolve_device(str(device))
+    template = method.prompt_template()
+    # The frozen backbone the merged model is compared with: the same weights (same seed), kept on
+    # the CPU until the inference comparison, so that it does not count in the training peak.
     seed_everything(seed)
-
-    backbone = load_backbone(backbone_name, pretrained, device="cpu")
-    backbone.model.requires_grad_(False)
-    frozen = copy.deepcopy(backbone.model)  # kept on the CPU until the inference comparison
-    backbone.model.to(dev)
-    template = hp.get("template") or DEFAULT_TEMPLATE
-    task = synthetic_task(num_classes, template, classnames)
-    method = method_cls(backbone, task, hp)
-    method.setup()
-    trainable, total = count_parameters([backbone.model, *method.extra_modules()])
+    frozen = load_backbone(backbone_name, pretrained, device="cpu").model
 
     generator = torch.Generator().manual_seed(seed)
     size = backbone.image_size
     images = torch.randn(batch, 3, size, size, generator=generator).to(dev)
     labels = torch.randint(num_classes, (batch,), generator=generator).to(dev)
-    precision = Precision.resolve(hp.get("precision", "auto"), dev)
+    precision = run.precision(hp)
 
     flops = step_ms = peak = None
     samples: list[float] = []
     generic = has_generic_step(method)
     if generic:
-        step = TrainStep(method, images, labels, dev)
+        step = TrainStep(method, precision, dev)
         trained = method.modules_to_train()
         trained.train()
-        flops = count_flops(step.forward_backward)
+        flops = count_flops(partial(step.forward_backward, images, labels))
         reset_peak_memory(dev)
-        samples = time_calls(step, dev, warmup=warmup, steps=steps)
+        samples = time_calls(partial(step, images, labels), dev, warmup=warmup, steps=steps)
         step_ms = statistics.median(samples)
         peak = peak_memory_mib(dev)
         step.close()
@@ -338,71 +303,3 @@ def profile_method(
         result["latency_ratio"],
     )
     return result
-
-
-# ------------------------------------------------------------------ GPU-hours of a suite
-
-
-def step_times_from_profiles(profiles: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], float | None]:
-    """``{(name, num_classes): step_ms}`` from profile dicts (``name`` falls back to ``method``)."""
-    return {
-        (str(p.get("name") or p["method"]), int(p["num_classes"])): (
-            None if p.get("step_ms") is None else float(p["step_ms"])
-        )
-        for p in profiles
-    }
-
-
-def step_ms_for(step_ms: Mapping[tuple[str, int], float | None], method: str, num_classes: int) -> float:
-    """The step time of ``method`` at ``num_classes``: measured, else linear in the class count.
-
-    With one measured class count, that time is used for every class count; with several, the
-    time is interpolated (or extrapolated from the nearest two, never below 0). A method measured
-    without a training step (``None``) costs 0.
-    """
-    measured = sorted((c, t) for (m, c), t in step_ms.items() if m == method)
-    if not measured:
-        raise ValueError(f"no step time for method {method!r}; profile it first (blocklora profile)")
-    if any(t is None for _, t in measured):
-        return 0.0
-    points = dict(measured)
-    if num_classes in points:
-        return float(points[num_classes])
-    counts = [c for c, _ in measured]
-    if len(counts) == 1:
-        return float(measured[0][1])
-    i = min(max(bisect.bisect_left(counts, num_classes), 1), len(counts) - 1)
-    (c0, t0), (c1, t1) = measured[i - 1], measured[i]
-    return max(0.0, t0 + (t1 - t0) * (num_classes - c0) / (c1 - c0))
-
-
-def gpu_hours_estimate(
-    step_ms: Mapping[tuple[str, int], float | None],
-    *,
-    datasets: Mapping[str, int],
-    methods: Sequence[str],
-    shots: Sequence[int],
-    seeds: Sequence[int] | int,
-    iterations_per_shot: int | Mapping[str, int] = 500,
-    iterations: Callable[[str, str, int], int] | None = None,
-) -> float:
-    """Training GPU-hours of a suite: Σ over datasets × methods × shots × seeds of iterations × step time.
-
-    ``step_ms`` maps (method, num_classes) to a measured step time in ms (``None``: no training
-    step); ``datasets`` maps each dataset to its class count. A run has
-    ``iterations_per_shot × shots`` steps (one number, or one per method), unless
-    ``iterations(method, dataset, shots)`` is given for methods counted otherwise (a fixed
-    ``iterations``, CoOp's epochs). Evaluation, data preparation and start-up are not included.
-    """
-    runs_per_cell = seeds if isinstance(seeds, int) else len(seeds)
-    total_ms = 0.0
-    for method in methods:
-        per_shot = (
-            iterations_per_shot[method] if isinstance(iterations_per_shot, Mapping) else iterations_per_shot
-        )
-        for dataset, classes in datasets.items():
-            ms = step_ms_for(step_ms, method, int(classes))
-            for k in shots:
-                steps = iterations(method, dataset, k) if iterations is not None else per_shot * k
-                total_ms += steps * runs_per_cell * ms
-    return total_ms / 3.6e6

@@ -3,7 +3,7 @@
     runs = load_runs(paths)                    # one row per record, accuracy in % as ``acc``
     summary = accuracy_summary(runs)           # mean ± std over seeds per (method, dataset, shots)
     accuracy_table(summary, shots=16)          # rows = methods, columns = datasets + Average
-    write_report(runs, profiles, out_dir)      # everything `blocklora report` writes
+    write_report(runs, profiles, out_dir)      # everything `blocklora report` writes (.files, .lines)
 
 A method's row label is its config entry (``blocklora_n4`` for a variant): the record's
 ``variant`` field when present, else the folder ``runs/<suite>/<dataset>/<label>/shots<K>_seed<S>/``
@@ -15,14 +15,15 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from blocklora.io import atomic_path, write_text
 
 AVERAGE = "Average"
 MISSING = "–"
@@ -63,6 +64,16 @@ REPORT_FILES = (
     "efficiency.pdf",
     "report.md",
 )
+
+
+@dataclass
+class WrittenReport:
+    """What :func:`write_report` wrote: the files by name, and the summary at the top of report.md."""
+
+    files: dict[str, Path]
+    lines: list[str]
+
+
 _RUN_FOLDER = re.compile(r"shots\d+_seed\d+")
 _FIRST_COLUMNS = ("label", "method", "dataset", "suite", "shots", "seed", "accuracy", "acc")
 
@@ -464,19 +475,6 @@ def plot_efficiency(profiles: pd.DataFrame, methods: Sequence[str] | None = None
 # ------------------------------------------------------------------ writing
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write text atomically (temporary file beside it, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_figure(fig, stem: Path) -> list[Path]:
     """Write ``stem.png`` (150 dpi) and ``stem.pdf`` atomically, then close the figure."""
     import matplotlib.pyplot as plt
@@ -484,14 +482,8 @@ def save_figure(fig, stem: Path) -> list[Path]:
     paths = []
     for fmt in ("png", "pdf"):
         path = stem.with_suffix(f".{fmt}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         paths.append(path)
     plt.close(fig)
     return paths
@@ -529,23 +521,20 @@ def summary_lines(summary: pd.DataFrame, runs: pd.DataFrame, suite: str | None =
 
 
 def training_hours(runs: pd.DataFrame, profiles: pd.DataFrame) -> pd.DataFrame:
-    """Per method: GPU-hours estimated from the profiled step time × each run's iterations, and measured.
+    """Per method: device-hours estimated from the profiled step times (:mod:`blocklora.costs`), and measured.
 
     The estimate is what the suite's training costs on the device that made the profiles; the
     measured hours are the runs' own ``train_seconds`` on whatever device ran them.
     """
-    step_ms = {}
-    if not profiles.empty and "step_ms" in profiles:
-        step_ms = {
-            row["label"]: row["step_ms"] for row in profiles.to_dict("records") if pd.notna(row["step_ms"])
-        }
+    from blocklora.costs import device_hours, step_times
+
+    estimates = device_hours(runs.to_dict("records"), step_times(profiles.to_dict("records")))
     rows = []
     for label, group in runs.groupby("label", sort=False):
         iterations = pd.to_numeric(group["iterations"], errors="coerce").fillna(0).sum()
-        estimate = iterations * step_ms[label] / 3.6e6 if label in step_ms else None
         measured = pd.to_numeric(group.get("train_seconds"), errors="coerce").fillna(0).sum() / 3600
         rows.append({"label": label, "runs": len(group), "iterations": int(iterations),
-                     "estimated_gpu_hours": estimate, "measured_hours": measured})  # fmt: skip
+                     "estimated_gpu_hours": estimates.get(label), "measured_hours": measured})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -594,8 +583,8 @@ def write_report(
     datasets: Sequence[str] | None = None,
     shots: Sequence[int] | None = None,
     note: str | None = None,
-) -> dict[str, Path]:
-    """Write every file of :data:`REPORT_FILES` into ``out_dir``; returns them by name."""
+) -> WrittenReport:
+    """Write every file of :data:`REPORT_FILES` into ``out_dir``; returns them and the summary lines."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = select_runs(runs, methods, datasets, shots)
@@ -604,8 +593,8 @@ def write_report(
     summary = accuracy_summary(runs)
     title = f"suite {suite}" if suite else "benchmark"
 
-    _write_text(out / "runs.csv", runs.to_csv(index=False))
-    _write_text(out / "accuracy.csv", summary.round(4).to_csv(index=False))
+    write_text(out / "runs.csv", runs.to_csv(index=False))
+    write_text(out / "accuracy.csv", summary.round(4).to_csv(index=False))
     md, tex = [], []
     for k in shots:
         table = accuracy_table(summary, k, methods, datasets)
@@ -617,13 +606,13 @@ def write_report(
                 label=f"tab:accuracy-{suite or 'all'}-{k}shot",
             )
         )
-    _write_text(out / "accuracy.md", "\n".join(md))
-    _write_text(out / "accuracy.tex", "\n".join(tex))
+    write_text(out / "accuracy.md", "\n".join(md))
+    write_text(out / "accuracy.tex", "\n".join(tex))
 
     efficiency = efficiency_table(profiles, methods)
-    _write_text(out / "efficiency.csv", profiles.to_csv(index=False))
-    _write_text(out / "efficiency.md", to_markdown(efficiency))
-    _write_text(
+    write_text(out / "efficiency.csv", profiles.to_csv(index=False))
+    write_text(out / "efficiency.md", to_markdown(efficiency))
+    write_text(
         out / "efficiency.tex",
         to_latex(
             efficiency,
@@ -651,8 +640,8 @@ def write_report(
         "![accuracy vs trainable parameters](accuracy_vs_params.png)\n",
         "![efficiency](efficiency.png)\n",
     ]
-    _write_text(out / "report.md", "\n".join(report))
-    return {name: out / name for name in REPORT_FILES}
+    write_text(out / "report.md", "\n".join(report))
+    return WrittenReport({name: out / name for name in REPORT_FILES}, lines)
 
 
 # ------------------------------------------------------------------ everything `blocklora report` does
@@ -673,12 +662,7 @@ def build_report(
     """Everything ``blocklora report`` does: write the report and return its summary lines."""
     runs = load_runs(records, allow_mixed=allow_mixed)
     profile_table = load_profiles(profiles) if profiles else pd.DataFrame(columns=["label", *PROFILE_FIELDS])
-    write_report(
+    written = write_report(
         runs, profile_table, out_dir, suite=suite, methods=methods, datasets=datasets, shots=shots, note=note
     )
-    runs = select_runs(runs, methods, datasets, shots)
-    return [
-        *summary_lines(accuracy_summary(runs), runs, suite),
-        *training_hours_lines(training_hours(runs, profile_table), profile_table),
-        f"report written to {out_dir}/report.md",
-    ]
+    return [*written.lines, f"report written to {written.files['report.md']}"]

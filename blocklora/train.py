@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,69 +17,9 @@ from tqdm import tqdm
 
 from blocklora.data.loading import DeviceAugment, decode_uint8
 from blocklora.io import atomic_path
+from blocklora.runtime import Precision, RunContext
 
 log = logging.getLogger("blocklora")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return resolved
-
-
-@dataclass
-class Precision:
-    """Autocast dtype (None = fp32) and whether a GradScaler is needed."""
-
-    dtype: torch.dtype | None
-    scaler: bool
-
-    @classmethod
-    def resolve(cls, name: str, device: torch.device) -> Precision:
-        if name == "auto":
-            name = "fp16" if device.type == "cuda" else "fp32"
-        if name == "fp32":
-            return cls(None, False)
-        if name == "bf16":
-            return cls(torch.bfloat16, False)
-        if name == "fp16":
-            if device.type != "cuda":
-                raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
-            return cls(torch.float16, True)
-        raise ValueError(f"unknown precision {name!r}: use auto, fp32, bf16 or fp16")
-
-    def autocast(self, device: torch.device):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.dtype)
-
-    @property
-    def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-
-
-@dataclass
-class RunContext:
-    """What a method needs to run beyond its hyper-parameters."""
-
-    device: torch.device
-    seed: int
-    progress: bool = True
-    cache_dir: Path | None = None  # reusable artefacts such as frozen image features
-    checkpoint: Path | None = None  # where the loop keeps its resumable state
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def precision(self, hp: dict[str, Any]) -> Precision:
-        return Precision.resolve(hp.get("precision", "auto"), self.device)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -218,6 +156,53 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] |
     return state
 
 
+class TrainStep:
+    """One iteration of the generic loop: the method's loss under autocast, a scaled backward, an
+    optimizer step. The loop trains with it and the profiler times it, so both run the same step.
+
+    The loss is compiled as the method's ``compile`` hyper-parameters say (a bad setting stops
+    here, before any image is decoded); :meth:`forward_backward` runs it eagerly, for FLOP counting.
+    """
+
+    def __init__(self, method, precision: Precision, device: torch.device) -> None:
+        self.method = method
+        self.params = method.trainable_parameters()
+        if not self.params:
+            raise RuntimeError(f"method {method.name!r} has no trainable parameters")
+        self.optimizer = make_optimizer(self.params, method.hp)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+        self.loss = loss_function(method, precision, device)
+        self.eager_loss = loss_function(method, precision, device, compiled=False)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimization step; returns the (detached) loss."""
+        loss = self.loss(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Forward and backward only, eagerly (what FLOPs are counted on); gradients are dropped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(self.eager_loss(images, labels)).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Free the gradients and the optimizer state."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+
+
 def train_loop(method, run: RunContext) -> dict[str, Any]:
     """Optimize ``method.trainable_parameters()`` on ``method.train_logits`` for its iterations.
 
@@ -227,12 +212,9 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
     """
     hp, task, device = method.hp, method.task, run.device
     iterations = method.iterations()
-    params = method.trainable_parameters()
-    if not params:
-        raise RuntimeError(f"method {method.name!r} has no trainable parameters")
     started = time.perf_counter()
     precision = run.precision(hp)
-    compute_loss = loss_function(method, precision, device)  # a bad compile setting stops here
+    step = TrainStep(method, precision, device)
     generator = torch.Generator().manual_seed(run.seed)
     images = decode_uint8(task.train, task.image_root)
     augment = DeviceAugment(
@@ -246,8 +228,6 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
     )
     labels = torch.tensor([int(e[1]) for e in task.train], device=device)
     sampler = BatchSampler(len(images), hp["batch_size"], generator)
-    optimizer = make_optimizer(params, hp)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
     schedule = {
         "total": iterations,
         "base": hp["lr"],
@@ -267,10 +247,10 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
     resumed = load_checkpoint(run.checkpoint, fingerprint) if run.checkpoint and every > 0 else None
     if resumed is not None:
         with torch.no_grad():
-            for p, saved in zip(params, resumed["params"], strict=True):
+            for p, saved in zip(step.params, resumed["params"], strict=True):
                 p.copy_(saved)
-        optimizer.load_state_dict(resumed["optimizer"])
-        scaler.load_state_dict(resumed["scaler"])
+        step.optimizer.load_state_dict(resumed["optimizer"])
+        step.scaler.load_state_dict(resumed["scaler"])
         sampler.order = list(resumed["sampler_order"])
         losses = [t.to(device) for t in resumed["losses"]]
         start_step = int(resumed["step"])
@@ -288,25 +268,19 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
         disable=not run.progress,
     )
     log_every = max(1, int(hp.get("log_every", 50)))
-    for step in range(start_step, iterations):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, **schedule)
+    for iteration in range(start_step, iterations):
+        step.set_lr(cosine_lr(iteration, **schedule))
         index = sampler.next()
-        loss = compute_loss(augment(index), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        loss = loss.detach()
+        loss = step(augment(index), labels[index])
         first_bad = torch.where(
-            (first_bad < 0) & ~torch.isfinite(loss), torch.tensor(step, device=device), first_bad
+            (first_bad < 0) & ~torch.isfinite(loss), torch.tensor(iteration, device=device), first_bad
         )
         losses.append(loss)
-        done = step + 1
+        done = iteration + 1
         if done % log_every == 0 or done == iterations:
             _stop_if_not_finite(first_bad, method, losses)
             recent = torch.stack(losses[-log_every:]).mean().item()
-            bar.set_postfix(loss=f"{recent:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{recent:.4f}", lr=f"{step.lr:.2e}")
             if not run.progress:
                 log.info("iteration %d/%d loss %.4f", done, iterations, recent)
         if run.checkpoint and every > 0 and (done % every == 0 or done == iterations):
@@ -315,9 +289,9 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
                 run.checkpoint,
                 fingerprint=fingerprint,
                 step=done,
-                params=[p.detach().cpu() for p in params],
-                optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(),
+                params=[p.detach().cpu() for p in step.params],
+                optimizer=step.optimizer.state_dict(),
+                scaler=step.scaler.state_dict(),
                 sampler_order=list(sampler.order),
                 losses=[t.cpu() for t in losses],
                 rng=_rng_state(generator),

@@ -105,7 +105,7 @@ def test_bad_placements_are_clear_errors(tiny):
         apply_adapters(tiny.model, "lora", targets=("q", "mlp"))
     with pytest.raises(ValueError, match=r"blocks=3 does not divide its input width 64"):
         apply_adapters(tiny.model, "blocklora", blocks=3)
-    with pytest.raises(ValueError, match="unknown adapter method"):
+    with pytest.raises(ValueError, match="unknown adapter kind"):
         apply_adapters(tiny.model, "dora")
 
 

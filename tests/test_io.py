@@ -13,7 +13,7 @@ PROMPTS = ["a photo of a red thing.", "a photo of a blue thing."]
 
 def _adapted(config, checkpoint, **kwargs):
     backbone = load_backbone(config, str(checkpoint))
-    apply_adapters(backbone.model, kwargs.pop("method", "blocklora"), blocks=4, **kwargs)
+    apply_adapters(backbone.model, kwargs.pop("kind", "blocklora"), blocks=4, **kwargs)
     return backbone
 
 
@@ -68,8 +68,8 @@ def test_adapters_from_another_configuration_or_backbone_are_refused(tiny_config
     other_rank = _adapted(tiny_config, tiny_checkpoint, rank=4)
     with pytest.raises(ValueError, match="rank: file 2 vs model 4"):
         load_adapters(other_rank.model, path)
-    lora = _adapted(tiny_config, tiny_checkpoint, method="lora")
-    with pytest.raises(ValueError, match="method: file 'blocklora' vs model 'lora'"):
+    lora = _adapted(tiny_config, tiny_checkpoint, kind="lora")
+    with pytest.raises(ValueError, match="kind: file 'blocklora' vs model 'lora'"):
         load_adapters(lora.model, path)
     vit = load_backbone("ViT-B-16", None)
     apply_adapters(vit.model, "blocklora", blocks=4)

@@ -10,13 +10,7 @@ from torch import nn
 from blocklora.adapters import LowRankAdapter, adapter_parameter_count
 from blocklora.cli import main as cli_main
 from blocklora.inject import AdaptedAttention
-from blocklora.profiling import (
-    count_flops,
-    gpu_hours_estimate,
-    profile_method,
-    step_ms_for,
-    step_times_from_profiles,
-)
+from blocklora.profiling import count_flops, profile_method
 
 PROFILE_KEYS = {
     "method", "backbone", "pretrained", "num_classes", "batch_size", "device", "trainable_params",
@@ -138,47 +132,6 @@ def test_vit_b16_image_forward_counts_35_13_gflop():
     with torch.no_grad():
         counted = count_flops(lambda: model.encode_image(torch.randn(1, 3, 224, 224)))
     assert counted / 1e9 == pytest.approx(35.13, abs=0.005)
-
-
-def test_gpu_hours_sum_iterations_times_step_time_over_the_suite():
-    step_ms = {("lora", 100): 100.0, ("lora", 1000): 1000.0, ("zeroshot", 1000): None}
-    hours = gpu_hours_estimate(
-        step_ms,
-        datasets={"a": 100, "b": 550},
-        methods=["lora", "zeroshot"],
-        shots=[1, 2],
-        seeds=[1, 2, 3],
-        iterations_per_shot=500,
-    )
-    # lora: (500 + 1000) iterations x 3 seeds x (100 ms at 100 classes + 550 ms interpolated at 550)
-    assert hours == pytest.approx(1500 * 3 * (100 + 550) / 3.6e6)
-    per_method = gpu_hours_estimate(
-        step_ms, datasets={"a": 100}, methods=["lora"], shots=[4], seeds=2, iterations_per_shot={"lora": 10}
-    )
-    assert per_method == pytest.approx(40 * 2 * 100 / 3.6e6)
-    fixed = gpu_hours_estimate(
-        step_ms, datasets={"a": 100}, methods=["lora"], shots=[1, 16], seeds=1, iterations=lambda m, d, k: 7
-    )
-    assert fixed == pytest.approx(2 * 7 * 100 / 3.6e6)
-
-
-def test_step_time_lookup_interpolates_extrapolates_and_falls_back():
-    step_ms = {("a", 100): 100.0, ("a", 1000): 1000.0, ("one", 1000): 80.0, ("free", 16): None}
-    assert step_ms_for(step_ms, "a", 1000) == 1000.0
-    assert step_ms_for(step_ms, "a", 2000) == pytest.approx(2000.0)
-    assert step_ms_for(step_ms, "a", 10) == pytest.approx(10.0)
-    assert step_ms_for(step_ms, "one", 10) == 80.0
-    assert step_ms_for(step_ms, "free", 1000) == 0.0
-    with pytest.raises(ValueError, match="no step time for method 'missing'"):
-        step_ms_for(step_ms, "missing", 10)
-
-
-def test_step_times_are_keyed_by_profile_name():
-    profiles = [
-        {"method": "blocklora", "name": "blocklora_n4", "num_classes": 1000, "step_ms": 12.5},
-        {"method": "zeroshot", "num_classes": 1000, "step_ms": None},
-    ]
-    assert step_times_from_profiles(profiles) == {("blocklora_n4", 1000): 12.5, ("zeroshot", 1000): None}
 
 
 def test_the_profile_command_writes_its_json(tiny_config, tiny_checkpoint, tmp_path):

@@ -211,7 +211,7 @@ def test_write_report_writes_every_file(tmp_path):
         datasets=DATASETS,
         note="hello",
     )
-    assert sorted(written) == sorted(report.REPORT_FILES)
+    assert sorted(written.files) == sorted(report.REPORT_FILES)
     for name in report.REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
     assert (out / "accuracy_vs_shots.png").read_bytes().startswith(b"\x89PNG")

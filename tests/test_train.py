@@ -38,7 +38,7 @@ def _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, method, hparams, *
         pretrained=str(tiny_checkpoint),
         hparams=hparams,
         record=tmp_path / f"{method}.json",
-        adapter=tmp_path / f"{method}.safetensors",
+        state=tmp_path / f"{method}.safetensors",
         device="cpu",
         template="a photo of a {}.",
         progress=False,
@@ -116,7 +116,7 @@ def test_cli_train_writes_record_and_state(tiny_config, tiny_checkpoint, toy_dat
         "train", "--method", "blocklora", "--dataset", "toy", "--fewshot", str(fewshot),
         "--image-root", str(images), "--shots", "12", "--seed", "1", "--backbone", tiny_config,
         "--pretrained", str(tiny_checkpoint), "--hparams", json.dumps({**FAST, "iterations": 5, "blocks": 4}),
-        "--record", str(tmp_path / "r.json"), "--adapter", str(tmp_path / "a.safetensors"),
+        "--record", str(tmp_path / "r.json"), "--state", str(tmp_path / "a.safetensors"),
         "--device", "cpu", "--template", "a photo of a {}.", "--no-progress",
     ]  # fmt: skip
     assert main(args) == 0
@@ -129,7 +129,7 @@ def test_cli_reports_an_unknown_method(toy_dataset, tmp_path, caplog):
     args = [
         "train", "--method", "nope", "--dataset", "toy", "--fewshot", str(fewshot), "--image-root", str(images),
         "--shots", "1", "--seed", "1", "--backbone", "x", "--record", str(tmp_path / "r.json"),
-        "--adapter", str(tmp_path / "a.safetensors"),
+        "--state", str(tmp_path / "a.safetensors"),
     ]  # fmt: skip
     assert main(args) == 1
     assert "unknown method 'nope'" in caplog.text and "blocklora" in caplog.text
@@ -184,7 +184,7 @@ def test_non_positive_shots_and_a_missing_image_folder_are_named(
         run_experiment(
             method="lora", dataset="toy", fewshot=fewshot, image_root=tmp_path / "nowhere", shots=1, seed=1,
             backbone=tiny_config, pretrained=str(tiny_checkpoint), record=tmp_path / "r.json",
-            adapter=tmp_path / "a.safetensors", device="cpu", template="{}",
+            state=tmp_path / "a.safetensors", device="cpu", template="{}",
         )  # fmt: skip
 
 

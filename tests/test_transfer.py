@@ -35,7 +35,7 @@ def trained(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch):
     run_experiment(
         method="blocklora", dataset="toy_source", fewshot=fewshot, image_root=images, shots=12, seed=1,
         backbone=tiny_config, pretrained=str(tiny_checkpoint), hparams=FAST, record=tmp_path / "src.json",
-        adapter=tmp_path / "src.safetensors", device="cpu", progress=False,
+        state=tmp_path / "src.safetensors", device="cpu", progress=False,
     )  # fmt: skip
     return tmp_path / "src.safetensors"
 

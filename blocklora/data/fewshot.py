@@ -1,9 +1,10 @@
 """Few-shot subsets exactly as Dassl's ``generate_fewshot_dataset`` draws them under CoOp (PROTOCOL.md §3.2).
 
-``random.seed(seed)`` (numpy and torch too) before anything draws; the train entries grouped by label in
-order of first appearance; ``random.sample(items, shots)`` per label (all items when fewer, never a
-repeat); then the same over val with ``min(shots, 4)``; test is kept whole. Seed s reproduces the
-subsets CoOp-protocol papers used.
+``random.seed(seed)`` before anything draws; the train entries grouped by label in order of first
+appearance; ``random.sample(items, shots)`` per label (all items when fewer, never a repeat); then the
+same over val with ``min(shots, 4)``; test is kept whole. Seed s reproduces the subsets CoOp-protocol
+papers used. The draws come from a ``random.Random(seed)`` of our own, which gives the same numbers as
+the seeded global generator and leaves the caller's random state alone.
 """
 
 from __future__ import annotations
@@ -12,24 +13,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from blocklora.data.splits import SPLIT_KEYS, Split, read_split, validate_split
 from blocklora.io import write_json
 
 VAL_SHOTS_CAP = 4
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, numpy and (when installed) torch, as Dassl's set_random_seed does."""
-    random.seed(seed)
-    np.random.seed(seed)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency; sampling does not need it
-        return
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
 
 
 def _by_label(entries: list[list[Any]]) -> dict[int, list[list[Any]]]:
@@ -39,10 +26,10 @@ def _by_label(entries: list[list[Any]]) -> dict[int, list[list[Any]]]:
     return groups
 
 
-def _sample(entries: list[list[Any]], shots: int) -> list[list[Any]]:
+def _sample(entries: list[list[Any]], shots: int, rng: random.Random) -> list[list[Any]]:
     out: list[list[Any]] = []
     for items in _by_label(entries).values():
-        out.extend(random.sample(items, shots) if len(items) >= shots else items)
+        out.extend(rng.sample(items, shots) if len(items) >= shots else items)
     return out
 
 
@@ -56,10 +43,12 @@ def sample_fewshot(split: dict, shots: int, seed: int) -> dict:
     """The K-shot subset of ``split`` for ``seed``: train K per class, val min(K, 4), test complete."""
     _check_shots(shots)
     validate_split(split)
-    seed_everything(seed)
+    rng = random.Random(
+        seed
+    )  # the draws of Dassl's random.seed(seed) + random.sample, on a private generator
     return {
-        "train": _sample(split["train"], shots),
-        "val": _sample(split["val"], min(shots, VAL_SHOTS_CAP)),
+        "train": _sample(split["train"], shots, rng),
+        "val": _sample(split["val"], min(shots, VAL_SHOTS_CAP), rng),
         "test": list(split["test"]),
     }
 

@@ -1,7 +1,9 @@
-"""The method registry: a method is one module in this package, registered by name.
+"""Methods: one module in this package per method, registered by name.
 
 Modules in ``blocklora/methods/`` are discovered on first lookup; a method living elsewhere is
-loaded by naming its module (``module=`` here, ``module:`` in config.yaml).
+loaded by naming its module (``module=`` here, ``module:`` in config.yaml). A method module
+imports what it builds on (:mod:`~blocklora.methods.base`, :mod:`~blocklora.methods.frozen`,
+:mod:`~blocklora.methods.registry`), never this package's other methods.
 """
 
 from __future__ import annotations
@@ -11,22 +13,12 @@ import pkgutil
 from typing import Any
 
 from blocklora.methods.base import EVAL_DEFAULTS, TRAIN_DEFAULTS, FewShotTask, Method
+from blocklora.methods.frozen import FeatureMethod
+from blocklora.methods.registry import REGISTRY, register_method
 
-_REGISTRY: dict[str, type[Method]] = {}
+# Modules of this package that define no method: what methods are built from.
+FOUNDATIONS = ("base", "frozen", "registry")
 _discovered = False
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise ValueError(
-            f"method name {cls.name!r} is taken by {existing.__module__}.{existing.__qualname__}"
-        )
-    _REGISTRY[cls.name] = cls
-    return cls
 
 
 def _discover() -> None:
@@ -35,7 +27,7 @@ def _discover() -> None:
         return
     _discovered = True
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+        if info.name not in FOUNDATIONS:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
@@ -44,17 +36,25 @@ def get_method(name: str, module: str | None = None) -> type[Method]:
     if module:
         importlib.import_module(module)
     _discover()
-    if name not in _REGISTRY:
+    if name not in REGISTRY:
         raise ValueError(
-            f"unknown method {name!r}; registered: {', '.join(sorted(_REGISTRY))}. A new method is a module "
+            f"unknown method {name!r}; registered: {', '.join(sorted(REGISTRY))}. A new method is a module "
             "in blocklora/methods/ with a @register_method class (or name its module with module:)"
         )
-    return _REGISTRY[name]
+    return REGISTRY[name]
 
 
 def method_names() -> list[str]:
     _discover()
-    return sorted(_REGISTRY)
+    return sorted(REGISTRY)
+
+
+def configured_method(
+    name: str, module: str | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[type[Method], dict[str, Any]]:
+    """The method class registered as ``name`` and its resolved hyper-parameters (defaults + overrides)."""
+    method = get_method(name, module)
+    return method, resolve_hparams(method, overrides)
 
 
 def resolve_hparams(method: type[Method], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -72,8 +72,10 @@ def resolve_hparams(method: type[Method], overrides: dict[str, Any] | None = Non
 __all__ = [
     "EVAL_DEFAULTS",
     "TRAIN_DEFAULTS",
+    "FeatureMethod",
     "FewShotTask",
     "Method",
+    "configured_method",
     "get_method",
     "method_names",
     "register_method",

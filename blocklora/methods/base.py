@@ -11,6 +11,7 @@ from torch import nn
 
 from blocklora.clip import Backbone
 from blocklora.io import read_tensors, write_tensors
+from blocklora.train import train_loop
 
 Entry = tuple[str, int, str]  # [relative image path, label, class name], as in CoOp split files
 
@@ -128,8 +129,6 @@ class Method:
 
     def fit(self, run) -> dict[str, Any]:
         """Train; returns statistics for the record (the generic loop by default)."""
-        from blocklora.train import train_loop
-
         return train_loop(self, run)
 
     def prepare_eval(self) -> None:
@@ -156,6 +155,11 @@ class Method:
         self.load_state(tensors)
         return meta
 
+    def prompt_template(self) -> str:
+        """The template this method prompts with: its ``template`` hyper-parameter, else the dataset's."""
+        return self.hp.get("template") or self.task.template
+
     @torch.no_grad()
     def text_features(self, template: str | None = None) -> torch.Tensor:
-        return self.backbone.encode_text(self.task.prompts(template))
+        """Normalized text features of every class prompt (``template``: default :meth:`prompt_template`)."""
+        return self.backbone.encode_text(self.task.prompts(template or self.prompt_template()))

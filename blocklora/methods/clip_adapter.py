@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocklora.features import FeatureMethod, accuracy, train_on_features
-from blocklora.methods import register_method
+from blocklora.methods.frozen import FeatureMethod, accuracy, train_on_features
+from blocklora.methods.registry import register_method
 
 
 class Adapter(nn.Module):
@@ -79,7 +79,7 @@ class CLIPAdapter(FeatureMethod):
         return self.hp["logit_scale"] * adapted @ self.classifier.T
 
     def fit(self, run) -> dict[str, Any]:
-        self.classifier = self.text_features(self.hp["template"]).float()
+        self.classifier = self.text_features().float()
         views = self.features(self.task.train, run, augment=True, passes=int(self.hp["augment_passes"]))
         self.adapter.train()
         stats = train_on_features(
@@ -101,7 +101,7 @@ class CLIPAdapter(FeatureMethod):
 
     def prepare_eval(self) -> None:
         self.adapter.eval()
-        self.classifier = self.text_features(self.hp["template"]).float()
+        self.classifier = self.text_features().float()
 
     def eval_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.logits(features.float())

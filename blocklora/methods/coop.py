@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from blocklora.clip import encode_text_embeddings
-from blocklora.features import FeatureMethod
-from blocklora.methods import TRAIN_DEFAULTS, register_method
+from blocklora.methods.base import TRAIN_DEFAULTS
+from blocklora.methods.frozen import FeatureMethod
+from blocklora.methods.registry import register_method
 
 
 class PromptContext(nn.Module):
@@ -93,10 +94,13 @@ class CoOp(FeatureMethod):
             return int(self.hp["warmup_iterations"])
         return int(self.hp["warmup_epochs"]) * self.iterations_per_epoch()
 
+    def prompt_template(self) -> str:
+        """The prompt whose ``X`` placeholders the learned context vectors replace."""
+        return " ".join(["X"] * int(self.hp["n_ctx"])) + " {}."
+
     def setup(self) -> None:
         n_ctx = int(self.hp["n_ctx"])
-        template = " ".join(["X"] * n_ctx) + " {}."
-        self.tokens = self.backbone.tokenize(self.task.prompts(template))
+        self.tokens = self.backbone.tokenize(self.task.prompts(self.prompt_template()))
         with torch.no_grad():
             embeddings = self.model.token_embedding(self.tokens)
         self.context = PromptContext(n_ctx, embeddings.shape[-1], embeddings, float(self.hp["ctx_std"]))

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from blocklora.features import FeatureMethod
-from blocklora.methods import register_method
+from blocklora.methods.frozen import FeatureMethod
+from blocklora.methods.registry import register_method
 
 
 @register_method

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from blocklora.inject import adapted_attentions, apply_adapters, load_adapters, merge_adapters, save_adapters
-from blocklora.methods import Method, register_method
+from blocklora.methods.base import Method
+from blocklora.methods.registry import register_method
 
 ADAPTER_KEYS = ("rank", "alpha", "dropout", "scaling", "targets", "encoders", "layers", "fuse")
 
@@ -30,14 +31,14 @@ class LoRA(Method):
         "fuse": True,
         "template": "a photo of a {}.",
     }
-    adapter_method = "lora"
+    adapter_kind = "lora"
 
     def adapter_kwargs(self) -> dict[str, Any]:
         return {k: self.hp[k] for k in ADAPTER_KEYS}
 
     def setup(self) -> None:
-        apply_adapters(self.model, self.adapter_method, **self.adapter_kwargs())
-        self.tokens = self.backbone.tokenize(self.task.prompts(self.hp["template"]))
+        apply_adapters(self.model, self.adapter_kind, **self.adapter_kwargs())
+        self.tokens = self.backbone.tokenize(self.task.prompts(self.prompt_template()))
 
     def modules_to_train(self) -> nn.Module:
         return self.model
@@ -49,7 +50,7 @@ class LoRA(Method):
 
     def prepare_eval(self) -> None:
         merge_adapters(self.model)
-        self.classifier = self.text_features(self.hp["template"])
+        self.classifier = self.text_features()
 
     @torch.no_grad()
     def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,7 @@ class BlockLoRA(LoRA):
     name = "blocklora"
     summary = "Block-LoRA: the input's blocks share one down-projection (n=8 blocks, r=2)"
     defaults: ClassVar[dict[str, Any]] = {**LoRA.defaults, "blocks": 8}
-    adapter_method = "blocklora"
+    adapter_kind = "blocklora"
 
     def adapter_kwargs(self) -> dict[str, Any]:
         return {**super().adapter_kwargs(), "blocks": self.hp["blocks"]}

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocklora.features import FeatureMethod, accuracy, train_on_features
-from blocklora.methods import register_method
+from blocklora.methods.frozen import FeatureMethod, accuracy, train_on_features
+from blocklora.methods.registry import register_method
 
 # init α, search scales [β, α] and Tip-Adapter-F epochs of the reference's released configs
 DATASET_SETTINGS: dict[str, dict[str, Any]] = {
@@ -109,7 +109,7 @@ class TipAdapter(FeatureMethod):
 
     def build_cache(self, run) -> None:
         """Text classifier, cache keys (mean of augmented views, normalized) and one-hot values."""
-        self.classifier = self.text_features(self.hp["template"]).float()
+        self.classifier = self.text_features().float()
         views = self.features(
             self.task.train, run, augment=True, passes=int(self.hp["augment_passes"]), normalize=False
         )
@@ -177,7 +177,7 @@ class TipAdapter(FeatureMethod):
         return self.logits(features.float())
 
     def prepare_eval(self) -> None:
-        self.classifier = self.text_features(self.hp["template"]).float()
+        self.classifier = self.text_features().float()
 
     def state(self) -> dict[str, torch.Tensor]:
         return {

@@ -6,7 +6,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from blocklora.methods import EVAL_DEFAULTS, Method, register_method
+from blocklora.methods.base import EVAL_DEFAULTS, Method
+from blocklora.methods.registry import register_method
 
 
 @register_method
@@ -24,7 +25,7 @@ class ZeroShot(Method):
         return {}
 
     def prepare_eval(self) -> None:
-        self.classifier = self.text_features(self.hp["template"])
+        self.classifier = self.text_features()
 
     @torch.no_grad()
     def eval_logits(self, images: torch.Tensor) -> torch.Tensor:

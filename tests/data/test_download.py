@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from blocklora.data import download as dl
-from blocklora.data.download import ChecksumError, DownloadError, download_gdrive, download_url
+from blocklora.data import fetch as dl
+from blocklora.data.errors import ChecksumError, DownloadError
+from blocklora.data.fetch import download_gdrive, download_url
 
 PAYLOAD = os.urandom(300_000)
 MD5 = hashlib.md5(PAYLOAD).hexdigest()

@@ -9,7 +9,8 @@ import zipfile
 
 import pytest
 
-from blocklora.data.download import ExtractionError, safe_extract
+from blocklora.data.errors import ExtractionError
+from blocklora.data.extract import safe_extract
 
 MEMBERS = {"top/a/1.jpg": b"one", "top/b/2.jpg": b"two"}
 

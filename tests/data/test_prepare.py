@@ -9,14 +9,9 @@ import json
 import pytest
 
 from blocklora.data import registry
-from blocklora.data.download import (
-    ChecksumError,
-    LayoutError,
-    ManualDownloadRequired,
-    fetch_dataset,
-    prepare_dataset,
-    verify_layout,
-)
+from blocklora.data.errors import ChecksumError, LayoutError, ManualDownloadRequired
+from blocklora.data.extract import verify_layout
+from blocklora.data.prepare import fetch_dataset, prepare_dataset
 from blocklora.data.registry import Source, get_dataset
 from blocklora.data.splits import imagenet_wnid_index, read_split
 

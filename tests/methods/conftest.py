@@ -12,7 +12,7 @@ from blocklora.clip import load_backbone
 from blocklora.data.splits import read_split
 from blocklora.experiment import run_experiment
 from blocklora.methods import FewShotTask, get_method, resolve_hparams
-from blocklora.train import RunContext
+from blocklora.runtime import RunContext
 
 FAST = {"num_workers": 0, "eval_batch_size": 64}
 
@@ -58,7 +58,7 @@ def run_method(tiny_config, tiny_checkpoint, toy_dataset, tmp_path) -> Callable[
             pretrained=str(tiny_checkpoint),
             hparams={**FAST, **(hparams or {})},
             record=folder / f"{method}.json",
-            adapter=folder / f"{method}.safetensors",
+            state=folder / f"{method}.safetensors",
             device="cpu",
             template="a photo of a {}.",
             progress=False,

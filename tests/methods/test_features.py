@@ -11,7 +11,7 @@ from blocklora.data.splits import read_split
 from blocklora.evaluate import evaluate
 from blocklora.features import image_features
 from blocklora.methods.linear_probe import LinearProbe
-from blocklora.train import RunContext
+from blocklora.runtime import RunContext
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def test_smoke_suite_writes_a_record_per_run_and_the_report(smoke_run):
     for path in records:
         record = json.loads(path.read_text())
         assert 0.0 <= record["accuracy"] <= 1.0 and record["suite"] == "smoke"
-        assert (path.parent / "adapter.safetensors").is_file()
+        assert (path.parent / "state.safetensors").is_file()
     report = results / "smoke" / "report"
     for name in ("report.md", "accuracy.md", "accuracy.tex", "efficiency.md", "accuracy_vs_shots.png"):
         assert (report / name).stat().st_size > 0, name

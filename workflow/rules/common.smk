@@ -171,19 +171,32 @@ def library_method(method: str) -> str:
     return config["methods"][method].get("method", method)
 
 
-def module_arg(method: str) -> str:
-    name = config["methods"][method].get("module")
-    return f"--module {shlex.quote(name)}" if name else ""
-
-
 def hparams(suite: str, method: str) -> dict:
     """Overrides for one (suite, method): the method entry, then the suite's own overrides."""
     entry = {k: v for k, v in config["methods"][method].items() if k not in METHOD_KEYS}
     return {**entry, **config["suites"][suite].get("hparams", {}).get(method, {})}
 
 
-def hparams_json(wildcards) -> str:
-    return json.dumps(hparams(wildcards.suite, wildcards.method), sort_keys=True)
+def method_args(wildcards) -> str:
+    """The flags every job of one (suite, method entry) passes: which method, configured how, on which
+    backbone and device (`train`, `transfer` and `profile` share them)."""
+    method, suite = wildcards.method, wildcards.suite
+    args = ["--method", library_method(method)]
+    if config["methods"][method].get("module"):
+        args += ["--module", config["methods"][method]["module"]]
+    args += [
+        "--name",
+        method,
+        "--hparams",
+        json.dumps(hparams(suite, method), sort_keys=True),
+        "--backbone",
+        config["suites"][suite]["backbone"],
+        "--pretrained",
+        pretrained(suite),
+        "--device",
+        config["device"],
+    ]
+    return shlex.join(args)
 
 
 def pretrained(suite: str) -> str:
@@ -206,7 +219,7 @@ def checkpoint_inputs(suite: str) -> list[str]:
 def transfer_inputs(wildcards) -> dict:
     w = wildcards
     return {
-        "state": f"{run_dir(w.suite, w.source, w.method, w.shots, w.seed)}/adapter.safetensors",
+        "state": f"{run_dir(w.suite, w.source, w.method, w.shots, w.seed)}/state.safetensors",
         "source_fewshot": fewshot_file(w.source, w.shots, w.seed),
         "split": split_file(w.target),
         "checkpoint": checkpoint_inputs(w.suite),

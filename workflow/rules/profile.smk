@@ -11,13 +11,8 @@ rule profile:
     benchmark:
         f"{RESULTS}/benchmarks/profile/{{suite}}/{{method}}.tsv"
     params:
-        method=lambda w: library_method(w.method),
-        module=lambda w: module_arg(w.method),
-        hparams=hparams_json,
-        backbone=lambda w: config["suites"][w.suite]["backbone"],
-        pretrained=lambda w: pretrained(w.suite),
+        method=method_args,
         classes=lambda w: config["suites"][w.suite]["profile_classes"],
-        device=config["device"],
     threads: resource("profile", "threads", 1)
     resources:
         gpu=resource("profile", "gpu", 1),
@@ -26,4 +21,4 @@ rule profile:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli profile --method {params.method} {params.module} --name {wildcards.method} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --classes {params.classes} --hparams {params.hparams:q} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"
+        "python -m blocklora.cli profile {params.method} --classes {params.classes} --threads {threads} --out {output:q} > {log:q} 2>&1"

@@ -1,4 +1,5 @@
-"""One job = one (suite, dataset, method, shots, seed): train, evaluate, write the run record."""
+"""Train jobs (one (suite, dataset, method, shots, seed): train, evaluate, write the run record) and
+transfer jobs (a trained run tested on another dataset)."""
 
 
 rule train:
@@ -6,19 +7,14 @@ rule train:
         unpack(train_inputs),
     output:
         record=f"{RESULTS}/runs/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}/record.json",
-        adapter=f"{RESULTS}/runs/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}/adapter.safetensors",
+        state=f"{RESULTS}/runs/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}/state.safetensors",
     log:
         f"{RESULTS}/logs/train/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}.tsv"
     params:
-        method=lambda w: library_method(w.method),
-        module=lambda w: module_arg(w.method),
-        hparams=hparams_json,
-        backbone=lambda w: config["suites"][w.suite]["backbone"],
-        pretrained=lambda w: pretrained(w.suite),
+        method=method_args,
         image_root=lambda w: image_root(w.dataset),
-        device=config["device"],
         cache_dir=f"{RESULTS}/cache",
     threads: resource("train", "threads", 1)
     resources:
@@ -28,7 +24,7 @@ rule train:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli train --suite {wildcards.suite} --method {params.method} {params.module} --dataset {wildcards.dataset} --fewshot {input.fewshot:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --hparams {params.hparams:q} --device {params.device} --record {output.record:q} --adapter {output.adapter:q} --name {wildcards.method} --cache-dir {params.cache_dir:q} --threads {threads} --no-progress > {log:q} 2>&1"
+        "python -m blocklora.cli train {params.method} --suite {wildcards.suite} --dataset {wildcards.dataset} --fewshot {input.fewshot:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --record {output.record:q} --state {output.state:q} --cache-dir {params.cache_dir:q} --threads {threads} --no-progress > {log:q} 2>&1"
 
 
 rule transfer:
@@ -41,13 +37,8 @@ rule transfer:
     benchmark:
         f"{RESULTS}/benchmarks/transfer/{{suite}}/{{target}}/{{method}}/shots{{shots}}_seed{{seed}}_from_{{source}}.tsv"
     params:
-        method=lambda w: library_method(w.method),
-        module=lambda w: module_arg(w.method),
-        hparams=hparams_json,
-        backbone=lambda w: config["suites"][w.suite]["backbone"],
-        pretrained=lambda w: pretrained(w.suite),
+        method=method_args,
         image_root=lambda w: image_root(w.target),
-        device=config["device"],
     threads: resource("train", "threads", 1)
     resources:
         gpu=resource("train", "gpu", 1),
@@ -56,4 +47,4 @@ rule transfer:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli evaluate --suite {wildcards.suite} --method {params.method} {params.module} --name {wildcards.method} --source {wildcards.source} --source-fewshot {input.source_fewshot:q} --state {input.state:q} --dataset {wildcards.target} --split {input.split:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --backbone {params.backbone:q} --pretrained {params.pretrained:q} --hparams {params.hparams:q} --device {params.device} --record {output.record:q} --threads {threads} --no-progress > {log:q} 2>&1"
+        "python -m blocklora.cli transfer {params.method} --suite {wildcards.suite} --source {wildcards.source} --source-fewshot {input.source_fewshot:q} --state {input.state:q} --dataset {wildcards.target} --split {input.split:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --record {output.record:q} --threads {threads} --no-progress > {log:q} 2>&1"
