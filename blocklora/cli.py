@@ -124,7 +124,7 @@ def _claim_gpu_if_needed(device: str) -> None:
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict:
-    """The arguments `train` and `evaluate` share (see :func:`_add_run_arguments`)."""
+    """The arguments `train` and `transfer` share (see :func:`_add_run_arguments`)."""
     return {
         "method": args.method,
         "image_root": args.image_root,
@@ -140,6 +140,8 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
         "module": args.module,
         "progress": not args.no_progress,
         "variant": args.name,
+        "cache_dir": args.cache_dir,
+        "threads": args.threads,
     }
 
 
@@ -153,7 +155,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         fewshot=args.fewshot,
         state=args.state,
-        cache_dir=args.cache_dir,
     )
     return 0
 
@@ -235,7 +236,17 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
     p.add_argument("--name", default=None, help="label of this method variant in tables (default: --method)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: all)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads of the job: torch, image decoding, loader workers (default: all)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="folder of what runs share: test images at evaluation resolution, frozen image features",
+    )
 
 
 def _set_threads(threads: int | None) -> None:
@@ -317,7 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="where to write the learned state: adapters, prompts, heads (safetensors)",
     )
-    p.add_argument("--cache-dir", default=None, help="folder for reusable frozen image features")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

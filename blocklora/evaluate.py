@@ -1,4 +1,8 @@
-"""Top-1 accuracy on the full test split, with the method ready for inference (merged weights)."""
+"""Top-1 accuracy on the full test split, with the method ready for inference (merged weights).
+
+Test images come from the evaluation image cache (:mod:`blocklora.data.eval_images`): decoded once
+per dataset at evaluation resolution, then read by every run of that dataset.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from blocklora.data.loading import eval_transform, image_loader
+from blocklora.data.eval_images import eval_images
 from blocklora.features import image_features
 from blocklora.runtime import RunContext
 
@@ -35,21 +39,16 @@ def evaluate(
     if getattr(method, "eval_on_features", False):
         correct = _correct_on_features(method, entries, image_root, run, label_subset)
         return _result(correct, len(entries), started)
-    loader = image_loader(
-        entries,
-        image_root,
-        eval_transform(backbone.image_size, backbone.mean, backbone.std),
-        batch_size=hp["eval_batch_size"],
-        num_workers=hp["num_workers"],
-        device=device,
+    images = eval_images(
+        entries, image_root, backbone.image_size, cache_dir=run.cache_dir, threads=run.threads
     )
+    batches = images.batches(hp["eval_batch_size"], device, backbone.mean, backbone.std)
     precision = run.precision(hp)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for images, labels in tqdm(loader, desc=f"test {method.task.dataset}", disable=not run.progress):
-        images = images.to(device, non_blocking=True)
+    for batch, labels in tqdm(batches, desc=f"test {method.task.dataset}", disable=not run.progress):
         with precision.autocast(device):
-            logits = method.eval_logits(images)
-        correct += (predict(logits, label_subset).cpu() == labels).sum().to(device)
+            logits = method.eval_logits(batch)
+        correct += (predict(logits, label_subset) == labels).sum()
     return _result(int(correct.item()), len(entries), started)
 
 
@@ -77,8 +76,8 @@ def _correct_on_features(
         augment=False,
         run=run,
         batch_size=hp["eval_batch_size"],
-        num_workers=hp["num_workers"],
         precision=run.precision(hp),
+        test_split=True,
     )[0]
     labels = torch.tensor([int(e[1]) for e in entries], device=features.device)
     correct = torch.zeros((), dtype=torch.long, device=features.device)

@@ -170,8 +170,13 @@ def run_experiment(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     variant: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one run; write the state file, then the record (both atomically)."""
+    """Train and evaluate one run; write the state file, then the record (both atomically).
+
+    ``cache_dir`` holds what runs share (test images at evaluation resolution, frozen features);
+    ``threads`` is how many CPU threads decoding and loading may use (default: torch's).
+    """
     if shots <= 0:
         raise ValueError(f"shots must be a positive integer, got {shots}")
     method_cls, hp = configured_method(method, module, hparams)
@@ -198,6 +203,7 @@ def run_experiment(
         progress=progress,
         cache_dir=Path(cache_dir) if cache_dir else None,
         checkpoint=checkpoint_path(record),
+        threads=threads or torch.get_num_threads(),
     )
     log.info(
         "%s on %s, %d shots, seed %d: %d trainable of %d parameters", method, dataset, shots, seed, *params
@@ -297,6 +303,8 @@ def run_transfer(
     module: str | None = None,
     progress: bool = True,
     variant: str | None = None,
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a method trained on ``source`` (its saved state) on ``target``'s full test split."""
     method_cls, hp = configured_method(method, module, hparams)

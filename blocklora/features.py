@@ -20,11 +20,12 @@ loader workers or the order of the entries, and the run's global random state is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from blocklora.clip import Backbone
-from blocklora.data.loading import ImageList, eval_transform, image_loader, read_image, train_transform
-from blocklora.io import read_tensors, write_tensors
+from blocklora.data.eval_images import eval_images
+from blocklora.data.loading import ImageList, read_image, train_transform
+from blocklora.io import exclusive, read_tensors, write_tensors
 from blocklora.runtime import Precision, RunContext
 
 log = logging.getLogger("blocklora")
@@ -112,7 +114,7 @@ class AugmentedViews(ImageList):
 @torch.no_grad()
 def _encode(
     backbone: Backbone,
-    loader: DataLoader,
+    batches: Iterable[torch.Tensor],
     run: RunContext,
     precision: Precision,
     desc: str,
@@ -124,7 +126,7 @@ def _encode(
     try:
         # the workers-free loader seeds the global CPU generator per image: restore it afterwards
         with torch.random.fork_rng(devices=[]):
-            for images, _ in tqdm(loader, desc=desc, disable=not run.progress):
+            for images in tqdm(batches, desc=desc, disable=not run.progress):
                 images = images.to(run.device, non_blocking=True)
                 with precision.autocast(run.device):
                     features = backbone.encode_image(images, normalize=False)
@@ -132,6 +134,29 @@ def _encode(
     finally:
         model.train(was_training)
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)
+
+
+def _augmented_batches(
+    backbone: Backbone,
+    entries: Sequence[Sequence],
+    image_root: str | Path,
+    run: RunContext,
+    *,
+    seed: int,
+    view: int,
+    crop_scale: Sequence[float],
+    batch_size: int,
+) -> Iterator[torch.Tensor]:
+    transform = train_transform(backbone.image_size, backbone.mean, backbone.std, crop_scale)
+    loader = DataLoader(
+        AugmentedViews(entries, image_root, transform, seed=seed, view=view),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=run.loader_workers,
+        pin_memory=run.device.type == "cuda",
+    )
+    for images, _ in loader:  # iterated inside _encode's fork_rng: the loader's seed draw is undone
+        yield images
 
 
 def _cache_path(cache_dir: Path, key: dict[str, Any]) -> Path:
@@ -167,12 +192,13 @@ def image_features(
     crop_scale: Sequence[float] = AUGMENT_SCALE,
     normalize: bool = True,
     batch_size: int = 128,
-    num_workers: int = 0,
     precision: Precision | None = None,
+    test_split: bool = False,
 ) -> torch.Tensor:
     """Features of ``entries``, shape (passes, N, D), on ``run.device``, float32.
 
-    ``augment=False``: the test view (Resize + CenterCrop), one pass; ``seed`` is ignored.
+    ``augment=False``: the test view (Resize + CenterCrop), one pass; ``seed`` is ignored. With
+    ``test_split`` the pixels come from the shared evaluation image cache (built on first use).
     ``augment=True``: views ``first_pass .. first_pass + passes - 1`` of the random train
     transform, view ``v`` of an image identical in every call with the same ``seed``.
     Each view is read from ``run.cache_dir`` when there, else encoded (and stored there).
@@ -198,34 +224,38 @@ def image_features(
             weights=weights,
         )
         path = _cache_path(cache_dir, key) if cache_dir else None
-        features = _read_cached(path, key) if path else None
-        if features is None:
-            started = time.perf_counter()
-            if augment:
-                transform = train_transform(backbone.image_size, backbone.mean, backbone.std, crop_scale)
-                dataset = AugmentedViews(entries, image_root, transform, seed=seed, view=view)
-                loader = DataLoader(
-                    dataset,
-                    batch_size=batch_size,
-                    shuffle=False,
-                    num_workers=num_workers,
-                    pin_memory=run.device.type == "cuda",
-                )
-            else:
-                transform = eval_transform(backbone.image_size, backbone.mean, backbone.std)
-                loader = image_loader(
-                    entries,
-                    image_root,
-                    transform,
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    device=run.device,
-                )
-            desc = f"features {'view ' + str(view) if augment else 'test view'} ({len(entries)} images)"
-            features = _encode(backbone, loader, run, precision, desc)
-            log.debug("encoded %d images in %.1f s", len(entries), time.perf_counter() - started)
-            if path is not None:
-                write_tensors(path, {"features": features}, {"key": key})
+        with exclusive(path) if path else contextlib.nullcontext():
+            features = _read_cached(path, key) if path else None
+            if features is None:
+                started = time.perf_counter()
+                if augment:
+                    batches = _augmented_batches(
+                        backbone,
+                        entries,
+                        image_root,
+                        run,
+                        seed=seed,
+                        view=view,
+                        crop_scale=crop_scale,
+                        batch_size=batch_size,
+                    )
+                else:
+                    pixels = eval_images(
+                        entries,
+                        image_root,
+                        backbone.image_size,
+                        cache_dir=run.cache_dir if test_split else None,
+                        threads=run.threads,
+                    )
+                    batches = (
+                        images
+                        for images, _ in pixels.batches(batch_size, run.device, backbone.mean, backbone.std)
+                    )
+                desc = f"features {'view ' + str(view) if augment else 'test view'} ({len(entries)} images)"
+                features = _encode(backbone, batches, run, precision, desc)
+                log.debug("encoded %d images in %.1f s", len(entries), time.perf_counter() - started)
+                if path is not None:
+                    write_tensors(path, {"features": features}, {"key": key})
         views.append(features)
     stacked = torch.stack(views).to(run.device)
     return F.normalize(stacked, dim=-1) if normalize else stacked

@@ -73,7 +73,13 @@ class RunContext:
     progress: bool = True
     cache_dir: Path | None = None  # reusable artefacts such as frozen image features
     checkpoint: Path | None = None  # where the loop keeps its resumable state
+    threads: int = field(default_factory=torch.get_num_threads)  # CPU threads for decoding and loading
     stats: dict[str, Any] = field(default_factory=dict)
 
     def precision(self, hp: dict[str, Any]) -> Precision:
         return Precision.resolve(hp.get("precision", "auto"), self.device)
+
+    @property
+    def loader_workers(self) -> int:
+        """DataLoader worker processes within the job's threads: none for a single thread."""
+        return self.threads if self.threads > 1 else 0

@@ -216,7 +216,7 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
     precision = run.precision(hp)
     step = TrainStep(method, precision, device)
     generator = torch.Generator().manual_seed(run.seed)
-    images = decode_uint8(task.train, task.image_root)
+    images = decode_uint8(task.train, task.image_root, threads=run.threads)
     augment = DeviceAugment(
         images,
         method.backbone.image_size,

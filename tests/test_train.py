@@ -14,7 +14,6 @@ FAST = {
     "rank": 4,
     "batch_size": 16,
     "dropout": 0.0,
-    "num_workers": 0,
     "log_every": 10,
 }
 RECORD_KEYS = {
@@ -63,7 +62,7 @@ def test_a_tiny_training_run_lowers_the_loss_and_beats_chance(
 
 
 def test_zero_shot_trains_nothing(tiny_config, tiny_checkpoint, toy_dataset, tmp_path):
-    record = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "zeroshot", {"num_workers": 0})
+    record = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "zeroshot", {})
     assert record["trainable_params"] == 0 and record["iterations"] == 0
     assert record["total_params"] > 1_000_000
 

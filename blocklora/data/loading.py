@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 
@@ -44,14 +44,18 @@ def read_image(path: Path) -> Image.Image:
 
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     """Resize the short side to ``size`` (bicubic), center-crop, normalize."""
-    return T.Compose(
-        [
-            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    return T.Compose([*_resize_center_crop(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _resize_center_crop(size: int) -> list:
+    return [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The pixel part of :func:`eval_transform`: resize the short side (bicubic), center-crop."""
+    for step in _resize_center_crop(size):
+        image = step(image)
+    return image
 
 
 def train_transform(
@@ -82,25 +86,6 @@ class ImageList(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.entries[index]
         return self.transform(read_image(self.root / path)), label
-
-
-def image_loader(
-    entries: Sequence[Sequence],
-    root: str | Path,
-    transform,
-    *,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-) -> DataLoader:
-    return DataLoader(
-        ImageList(entries, root, transform),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
 
 
 def decode_uint8(entries: Sequence[Sequence], root: str | Path, *, threads: int = 8) -> list[torch.Tensor]:

@@ -32,7 +32,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "logit_scale": 100.0,
     "crop_scale": [0.08, 1.0],
     "eval_batch_size": 128,
-    "num_workers": 4,
     "log_every": 50,
     "checkpoint_every": 500,
     "compile": False,
@@ -42,7 +41,6 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "precision": "auto",
     "logit_scale": 100.0,
     "eval_batch_size": 128,
-    "num_workers": 4,
 }
 
 

@@ -61,7 +61,6 @@ class FeatureMethod(Method):
             crop_scale=self.hp.get("crop_scale", AUGMENT_SCALE),
             normalize=normalize,
             batch_size=self.hp["eval_batch_size"],
-            num_workers=self.hp["num_workers"],
             precision=run.precision(self.hp),
         )
 

@@ -14,7 +14,7 @@ from blocklora.experiment import run_experiment
 from blocklora.methods import FewShotTask, get_method, resolve_hparams
 from blocklora.runtime import RunContext
 
-FAST = {"num_workers": 0, "eval_batch_size": 64}
+FAST = {"eval_batch_size": 64}
 
 
 @pytest.fixture(autouse=True)

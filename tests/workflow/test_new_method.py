@@ -47,7 +47,7 @@ def test_the_new_method_runs_through_the_cli(tmp_path, toy_dataset, tiny_config,
     args = [
         "train", "--method", "ensemble", "--module", "toy_method", "--dataset", "toy", "--fewshot", str(fewshot),
         "--image-root", str(images), "--shots", "1", "--seed", "1", "--backbone", tiny_config,
-        "--pretrained", str(tiny_checkpoint), "--hparams", '{"num_workers": 0}', "--record", str(record),
+        "--pretrained", str(tiny_checkpoint), "--hparams", '{}', "--record", str(record),
         "--state", str(tmp_path / "state.safetensors"), "--device", "cpu", "--template", "{}", "--no-progress",
     ]  # fmt: skip
     from tests.conftest import TINY_CONFIG

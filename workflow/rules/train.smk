@@ -39,6 +39,7 @@ rule transfer:
     params:
         method=method_args,
         image_root=lambda w: image_root(w.target),
+        cache_dir=f"{RESULTS}/cache",
     threads: resource("train", "threads", 1)
     resources:
         gpu=resource("train", "gpu", 1),
@@ -47,4 +48,4 @@ rule transfer:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli transfer {params.method} --suite {wildcards.suite} --source {wildcards.source} --source-fewshot {input.source_fewshot:q} --state {input.state:q} --dataset {wildcards.target} --split {input.split:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --record {output.record:q} --threads {threads} --no-progress > {log:q} 2>&1"
+        "python -m blocklora.cli transfer {params.method} --suite {wildcards.suite} --source {wildcards.source} --source-fewshot {input.source_fewshot:q} --state {input.state:q} --dataset {wildcards.target} --split {input.split:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --record {output.record:q} --cache-dir {params.cache_dir:q} --threads {threads} --no-progress > {log:q} 2>&1"
