@@ -198,6 +198,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preload(args: argparse.Namespace) -> int:
+    from blocklora.preload import enabled, server_dir, servers, stop_servers
+
+    if args.stop:
+        print(f"stopped {stop_servers()} preload server(s)")
+        return 0
+    running = servers()
+    state = "on" if enabled() else "off (BLOCKLORA_PRELOAD, or inside a Slurm job)"
+    print(f"preloading: {state}; servers in {server_dir()}: {len(running)}")
+    for server in running:
+        print(f"  pid {server['pid']}  {server['socket']}  log {server['log']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from blocklora.report import build_report
 
@@ -359,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: all)")
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser(
+        "preload", help="list (or --stop) the preloaded processes that start train/transfer/profile jobs"
+    )
+    p.add_argument("--stop", action="store_true", help="stop them (running jobs finish first)")
+    p.set_defaults(func=cmd_preload)
+
     p = sub.add_parser("report", help="tables and figures of a suite from run records and profiles")
     p.add_argument("--records", nargs="+", required=True, help="record.json files, or folders holding them")
     p.add_argument("--profiles", nargs="*", default=[], help="profile JSON files, or folders holding them")
@@ -389,5 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def entry() -> int:
+    """The ``blocklora`` command line: heavy commands run in a preloaded process (:mod:`blocklora.preload`)."""
+    from blocklora.preload import run
+
+    code = run(sys.argv[1:])
+    return main() if code is None else code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
