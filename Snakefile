@@ -1,4 +1,4 @@
-"""Block-LoRA vs LoRA few-shot CLIP benchmark: `snakemake --cores N [--config suite=NAME]`."""
+"""Block-LoRA vs LoRA few-shot CLIP benchmark: `snakemake --cores N [--config suite=NAME]` (README)."""
 
 from pathlib import Path
 
@@ -23,5 +23,5 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        f"{RESULTS}/{SUITE}/report/report.md",
+        [f"{PLAN.report_dir(suite)}/report.md" for suite in PLAN.chosen],
     default_target: True

@@ -50,7 +50,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from blocklora.data.prepare import prepare_dataset
 
     path = prepare_dataset(
-        args.dataset, args.data_root, archives_dir=args.archives_dir, download=not args.offline
+        args.dataset,
+        args.data_root,
+        archives_dir=args.archives_dir,
+        download=not args.offline,
+        sources=args.sources,
     )
     print(path)
     return 0
@@ -59,7 +63,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from blocklora.data.prepare import fetch_dataset
 
-    print(fetch_dataset(args.dataset, args.data_root, archives_dir=args.archives_dir))
+    print(fetch_dataset(args.dataset, args.data_root, archives_dir=args.archives_dir, sources=args.sources))
     return 0
 
 
@@ -70,6 +74,13 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         spec = get_dataset(name)
         kind = "synthetic" if spec.synthetic else spec.split_source
         print(f"{name:18s} {spec.title:18s} {spec.num_classes:5d} classes  {kind}")
+    return 0
+
+
+def cmd_fixtures(args: argparse.Namespace) -> int:
+    from blocklora.data.fixtures import write_fixtures
+
+    print(write_fixtures(args.out, args.datasets or None, seed=args.seed))
     return 0
 
 
@@ -135,11 +146,9 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
         "hparams": args.hparams,
         "record": args.record,
         "device": args.device,
-        "suite": args.suite,
         "template": args.template,
         "module": args.module,
         "progress": not args.no_progress,
-        "variant": args.name,
         "cache_dir": args.cache_dir,
         "threads": args.threads,
     }
@@ -191,7 +200,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         steps=args.steps,
         module=args.module,
-        name=args.name,
         seed=args.seed,
         out=args.out,
     )
@@ -225,6 +233,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         shots=args.shots,
         note=args.note,
         allow_mixed=args.allow_mixed,
+        left_out=args.left_out,
+        average_over=args.average_over,
     )
     print("\n".join(lines))
     return 0
@@ -234,8 +244,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments shared by `train` and `evaluate`: which method, which backbone, where things go."""
     p.add_argument("--method", required=True)
     p.add_argument("--image-root", required=True, help="folder the split's image paths are relative to")
-    p.add_argument("--shots", type=_positive_int, required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument(
+        "--shots",
+        type=_positive_int,
+        default=None,
+        help="shots per class of the few-shot subset (omit for a method that uses none, e.g. zeroshot)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the few-shot subset (omit with --shots)")
     p.add_argument(
         "--backbone", required=True, help="open_clip model name, or a blocklora config (demo-tiny)"
     )
@@ -245,10 +260,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--record", required=True, help="where to write the run record (JSON)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--suite", default=None)
     p.add_argument("--template", default=None, help="prompt template overriding the dataset's")
     p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
-    p.add_argument("--name", default=None, help="label of this method variant in tables (default: --method)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.add_argument(
         "--threads",
@@ -286,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="registered dataset name (see `blocklora datasets`)")
     p.add_argument("--data-root", required=True, help="datasets live in DATA_ROOT/<dataset>/")
     p.add_argument("--archives-dir", default=None, help="folder of archives you already downloaded")
+    p.add_argument(
+        "--sources", default=None, help="JSON file of other URLs and checksums (a mirror, fixtures)"
+    )
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("prepare", help="download (or find), verify, extract and split one dataset")
@@ -293,7 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, help="datasets live in DATA_ROOT/<dataset>/")
     p.add_argument("--archives-dir", default=None, help="folder of archives you already downloaded")
     p.add_argument("--offline", action="store_true", help="never download: use local archives only")
+    p.add_argument(
+        "--sources", default=None, help="JSON file of other URLs and checksums (a mirror, fixtures)"
+    )
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "fixtures", help="write miniatures of the real datasets' archives (for rehearsing the suites offline)"
+    )
+    p.add_argument("datasets", nargs="*", help="which (default: all 15 real datasets)")
+    p.add_argument("--out", required=True, help="folder for the archives and sources.json (their checksums)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images' pixels")
+    p.set_defaults(func=cmd_fixtures)
 
     p = sub.add_parser("demo-data", help="write one synthetic demo dataset (images + split.json)")
     p.add_argument("dataset", help="a synthetic dataset (see `blocklora datasets`)")
@@ -328,8 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fewshot", help="sample a few-shot subset of a split file (CoOp/Dassl protocol)")
     p.add_argument("split", help="split file: {train, val, test} lists of [path, label, classname]")
-    p.add_argument("--shots", type=_positive_int, required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument(
+        "--shots",
+        type=_positive_int,
+        default=None,
+        help="shots per class of the few-shot subset (omit for a method that uses none, e.g. zeroshot)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the few-shot subset (omit with --shots)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_fewshot)
 
@@ -357,7 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="parameters, FLOPs, step time, memory and latency of one method")
     p.add_argument("--method", required=True)
     p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
-    p.add_argument("--name", default=None, help="label of the profile (config entry); default: the method")
     p.add_argument("--backbone", required=True, help="open_clip model name, or a blocklora config")
     p.add_argument("--pretrained", default=None, help="open_clip tag, checkpoint file, or none")
     p.add_argument("--classes", type=_positive_int, required=True, help="classes of the synthetic task")
@@ -380,8 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preload)
 
     p = sub.add_parser("report", help="tables and figures of a suite from run records and profiles")
-    p.add_argument("--records", nargs="+", required=True, help="record.json files, or folders holding them")
-    p.add_argument("--profiles", nargs="*", default=[], help="profile JSON files, or folders holding them")
+    p.add_argument(
+        "--records",
+        nargs="+",
+        required=True,
+        help="record.json files, or folders holding them, each optionally LABEL=PATH (the table's row label)",
+    )
+    p.add_argument(
+        "--profiles", nargs="*", default=[], help="profile JSON files or folders, each optionally LABEL=PATH"
+    )
     p.add_argument("--out-dir", required=True, help="where the tables, figures and report.md go")
     p.add_argument("--suite", default=None, help="suite name, for titles and labels")
     p.add_argument("--methods", nargs="*", default=None, help="row order (and selection) of method entries")
@@ -389,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", nargs="*", type=int, default=None, help="shot counts to tabulate")
     p.add_argument("--note", default=None, help="a sentence printed at the top of report.md")
     p.add_argument("--allow-mixed", action="store_true", help="report records of different protocol versions")
+    p.add_argument(
+        "--left-out",
+        nargs="*",
+        default=[],
+        help="datasets the suite names but the config leaves out (without:)",
+    )
+    p.add_argument(
+        "--average-over", nargs="*", default=None, help="datasets of the Average column (default: all)"
+    )
     p.set_defaults(func=cmd_report)
     return parser
 

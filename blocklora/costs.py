@@ -17,10 +17,10 @@ StepTimes = Mapping[tuple[str, int | None], float | None]
 
 
 def step_times(profiles: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int | None], float | None]:
-    """``{(name, num_classes): step_ms}`` from profile dicts (``name`` falls back to ``method``/``label``)."""
+    """``{(label, num_classes): step_ms}`` from profile dicts (``label`` falls back to ``method``)."""
     times: dict[tuple[str, int | None], float | None] = {}
     for p in profiles:
-        name = str(p.get("name") or p.get("label") or p["method"])
+        name = str(p.get("label") or p["method"])
         classes = p.get("num_classes")
         step = p.get("step_ms")
         times[(name, None if _missing(classes) else int(classes))] = None if _missing(step) else float(step)

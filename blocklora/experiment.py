@@ -91,8 +91,6 @@ def _record(
     *,
     instance,
     run: RunContext,
-    variant: str | None,
-    suite: str | None,
     result: dict[str, Any],
     params: tuple[int, int],
     stats: dict[str, Any],
@@ -104,11 +102,13 @@ def _record(
     task, backbone = instance.task, instance.backbone
     if backbone.pretrained and pretrained_arg and Path(pretrained_arg).is_file():
         inputs = {**inputs, "pretrained": file_sha256(pretrained_arg)}
+    # a method that learns nothing from the few-shot set has no shots and no seed
+    shots, seed = (task.shots, task.seed) if instance.needs_fewshot else (None, None)
     resolved = {
         "method": instance.name,
         "dataset": task.dataset,
-        "shots": task.shots,
-        "seed": task.seed,
+        "shots": shots,
+        "seed": seed,
         "backbone": backbone.name,
         "pretrained": backbone.pretrained,
         "template": instance.prompt_template(),
@@ -117,11 +117,9 @@ def _record(
     }
     return {
         "method": instance.name,
-        "variant": variant or instance.name,
         "dataset": task.dataset,
-        "suite": suite,
-        "shots": task.shots,
-        "seed": task.seed,
+        "shots": shots,
+        "seed": seed,
         "backbone": backbone.name,
         "pretrained": backbone.pretrained,
         "accuracy": result["accuracy"],
@@ -156,30 +154,32 @@ def run_experiment(
     dataset: str,
     fewshot: str | Path,
     image_root: str | Path,
-    shots: int,
-    seed: int,
+    shots: int | None,
+    seed: int | None,
     backbone: str,
     pretrained: str | None,
     hparams: dict[str, Any] | None = None,
     record: str | Path,
     state: str | Path,
     device: str = "auto",
-    suite: str | None = None,
     template: str | None = None,
     module: str | None = None,
     progress: bool = True,
     cache_dir: str | Path | None = None,
-    variant: str | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one run; write the state file, then the record (both atomically).
 
     ``cache_dir`` holds what runs share (test images at evaluation resolution, frozen features);
-    ``threads`` is how many CPU threads decoding and loading may use (default: torch's).
+    ``threads`` is how many CPU threads decoding and loading may use (default: torch's). A method
+    that learns nothing from the few-shot set (zero-shot) takes no ``shots`` and no ``seed``.
     """
-    if shots <= 0:
+    if shots is not None and shots <= 0:
         raise ValueError(f"shots must be a positive integer, got {shots}")
     method_cls, hp = configured_method(method, module, hparams)
+    if method_cls.needs_fewshot and (shots is None or seed is None):
+        raise ValueError(f"method {method!r} learns from the few-shot set: give its shots and seed")
+    shots, seed = (shots, seed) if method_cls.needs_fewshot else (shots or 0, seed or 0)
     splits = read_split(fewshot)
     task = FewShotTask(
         dataset=dataset,
@@ -214,8 +214,6 @@ def run_experiment(
     rec = _record(
         instance=instance,
         run=run,
-        variant=variant,
-        suite=suite,
         result=result,
         params=params,
         stats=stats,
@@ -291,23 +289,24 @@ def run_transfer(
     target: str,
     target_split: str | Path,
     image_root: str | Path,
-    shots: int,
-    seed: int,
+    shots: int | None,
+    seed: int | None,
     backbone: str,
     pretrained: str | None,
     hparams: dict[str, Any] | None = None,
     record: str | Path,
     device: str = "auto",
-    suite: str | None = None,
     template: str | None = None,
     module: str | None = None,
     progress: bool = True,
-    variant: str | None = None,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a method trained on ``source`` (its saved state) on ``target``'s full test split."""
     method_cls, hp = configured_method(method, module, hparams)
+    if method_cls.needs_fewshot and (shots is None or seed is None):
+        raise ValueError(f"method {method!r} learned from a few-shot set: give its shots and seed")
+    shots, seed = (shots, seed) if method_cls.needs_fewshot else (shots or 0, seed or 0)
     task, subset, same_labels = transfer_task(
         source=source,
         source_fewshot=source_fewshot,
@@ -323,7 +322,7 @@ def run_transfer(
             f"method {method!r} learns parameters tied to {source}'s classes, so it cannot be tested on "
             f"{target}, which has other classes; drop it from this suite's methods"
         )
-    instance, run, params = build_run(
+    instance, run, _ = build_run(
         method_cls,
         hp,
         task,
@@ -332,14 +331,15 @@ def run_transfer(
         device=device,
         seed=seed,
         progress=progress,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        threads=threads or torch.get_num_threads(),
     )
     instance.load(state)
+    params = count_parameters([instance.model, *instance.extra_modules()])  # as loaded (Tip-F: its cache)
     result = evaluate(instance, task.test, task.image_root, run, label_subset=subset)
     rec = _record(
         instance=instance,
         run=run,
-        variant=variant,
-        suite=suite,
         result=result,
         params=params,
         stats={"iterations": 0, "train_seconds": 0.0},

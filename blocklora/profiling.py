@@ -182,16 +182,14 @@ def profile_method(
     warmup: int = 5,
     steps: int = 20,
     module: str | None = None,
-    name: str | None = None,
     seed: int = 0,
     classnames: Sequence[str] | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Parameters, training FLOPs/step, step time, peak memory and merged-vs-frozen inference latency.
 
-    ``batch_size=None`` takes the method's ``batch_size`` hyper-parameter. ``name`` labels the
-    profile (a config entry such as ``blocklora_n4``; default: the method). With ``out`` the
-    result is also written there atomically as JSON.
+    ``batch_size=None`` takes the method's ``batch_size`` hyper-parameter. With ``out`` the result
+    is also written there atomically as JSON.
     """
     method_cls, hp = configured_method(method_name, module, dict(hparams or {}))
     task = synthetic_task(num_classes, DEFAULT_TEMPLATE, classnames)
@@ -263,7 +261,6 @@ def profile_method(
 
     result = {
         "method": method_name,
-        "name": name or method_name,
         "backbone": backbone_name,
         "pretrained": backbone.pretrained,
         "num_classes": num_classes,
@@ -294,7 +291,7 @@ def profile_method(
         write_json(out, result)
     log.info(
         "%s on %s, %d classes, batch %d: %s trainable, step %s ms, latency ratio %.3f",
-        result["name"],
+        method_name,
         backbone_name,
         num_classes,
         batch,

@@ -5,9 +5,13 @@
     accuracy_table(summary, shots=16)          # rows = methods, columns = datasets + Average
     write_report(runs, profiles, out_dir)      # everything `blocklora report` writes (.files, .lines)
 
-A method's row label is its config entry (``blocklora_n4`` for a variant): the record's
-``variant`` field when present, else the folder ``runs/<suite>/<dataset>/<label>/shots<K>_seed<S>/``
-the record lives in, else its ``method``.
+Records and profiles are given as files or folders, each optionally labelled ``LABEL=PATH``: a
+suite's report labels them with its entries of ``methods:`` (``blocklora_n4`` for a variant), which
+the workflow passes. An unlabelled record is labelled with its method, or with its run folder
+(``lora-1a2b3c4d``) when several configurations of one method are loaded.
+
+A run of a method that learns nothing from the few-shot set (zero-shot CLIP: no shots, no seed)
+stands in every shot column.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +77,6 @@ class WrittenReport:
     lines: list[str]
 
 
-_RUN_FOLDER = re.compile(r"shots\d+_seed\d+")
 _FIRST_COLUMNS = ("label", "method", "dataset", "suite", "shots", "seed", "accuracy", "acc")
 
 
@@ -112,24 +114,31 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return value
 
 
-def _expand(paths: Iterable[str | Path] | str | Path, pattern: str) -> list[Path]:
-    """Files as given, and every ``pattern`` match under the folders given."""
+Sources = Iterable[str | Path] | str | Path
+
+
+def _labelled(paths: Sources, pattern: str) -> list[tuple[str | None, Path]]:
+    """(label or None, file) for files as given (``LABEL=PATH`` or ``PATH``) and every ``pattern``
+    match under folders given."""
     if isinstance(paths, str | Path):
         paths = [paths]
-    files: list[Path] = []
-    for path in map(Path, paths):
-        files.extend(sorted(path.rglob(pattern)) if path.is_dir() else [path])
+    files: list[tuple[str | None, Path]] = []
+    for item in paths:
+        label, _, path = str(item).rpartition("=") if "=" in str(item) else (None, "", str(item))
+        path = Path(path)
+        matches = sorted(path.rglob(pattern)) if path.is_dir() else [path]
+        files.extend((label or None, match) for match in matches)
     return files
 
 
-def run_label(record: dict[str, Any], path: str | Path) -> str:
-    """The method entry a record belongs to (see the module docstring)."""
-    if isinstance(record.get("variant"), str) and record["variant"]:
-        return record["variant"]
-    path = Path(path)
-    if _RUN_FOLDER.fullmatch(path.parent.name) and path.parent.parent.name:
-        return path.parent.parent.name
-    return str(record["method"])
+def _default_labels(runs: pd.DataFrame) -> list[str]:
+    """The method; its run folder (``lora-1a2b3c4d``) where one method comes in several configurations."""
+    folders = [Path(p).parent.parent.name for p in runs["path"]]
+    configurations = pd.Series(folders).groupby(runs["method"].values).nunique()
+    return [
+        folder if configurations[method] > 1 else str(method)
+        for method, folder in zip(runs["method"], folders, strict=True)
+    ]
 
 
 def check_protocol_versions(runs: pd.DataFrame) -> None:
@@ -148,32 +157,46 @@ def check_protocol_versions(runs: pd.DataFrame) -> None:
     )
 
 
-def load_runs(paths: Iterable[str | Path] | str | Path, *, allow_mixed: bool = False) -> pd.DataFrame:
-    """Run records (files, or every record.json under folders) as one row each, plus ``label`` and ``acc`` (%)."""
+def load_runs(paths: Sources, *, allow_mixed: bool = False) -> pd.DataFrame:
+    """Run records (``[LABEL=]PATH`` files, or every record.json under folders) as one row each,
+    plus ``label`` and ``acc`` (%)."""
     from blocklora.records import load_records
 
-    files = _expand(paths, "record.json")
+    files = _labelled(paths, "record.json")
     if not files:
         raise ValueError(f"no run records found in {paths}; run the train jobs first")
-    runs = load_records(files)
+    runs = load_records([path for _, path in files])
     if not allow_mixed:
         check_protocol_versions(runs)
-    runs.insert(0, "label", [run_label(row, row["path"]) for row in runs.to_dict("records")])
+    defaults = _default_labels(runs)
+    runs.insert(0, "label", [label or default for (label, _), default in zip(files, defaults, strict=True)])
     runs["acc"] = 100.0 * runs["accuracy"].astype(float)
     first = [c for c in _FIRST_COLUMNS if c in runs.columns]
     runs = runs[first + [c for c in runs.columns if c not in first]]
     return runs.sort_values(["label", "dataset", "shots", "seed"], kind="stable").reset_index(drop=True)
 
 
-def load_profiles(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
-    """Profile files as one row each; the label is the profile's ``name`` (config entry), else the file stem."""
+def load_profiles(paths: Sources) -> pd.DataFrame:
+    """Profile files (``[LABEL=]PATH``, or folders of them) as one row each; unlabelled ones take
+    their method's name."""
     rows = []
-    for path in _expand(paths, "*.json"):
+    for label, path in _labelled(paths, "*.json"):
         profile = _read_json(path, "profile")
-        rows.append({"label": str(profile.get("name") or path.stem), **profile, "path": str(path)})
+        rows.append({"label": label or str(profile.get("method") or path.stem), **profile, "path": str(path)})
     columns = ["label", *PROFILE_FIELDS, "path"]
     frame = pd.DataFrame(rows)
     return frame.reindex(columns=[*columns, *[c for c in frame.columns if c not in columns]])
+
+
+def in_every_shot_column(runs: pd.DataFrame, shots: Sequence[int]) -> pd.DataFrame:
+    """Runs that used no few-shot subset (``shots`` empty) repeated under each of ``shots``."""
+    independent = runs["shots"].isna()
+    if not independent.any():
+        return runs
+    copies = [runs[independent].assign(shots=k) for k in shots]
+    expanded = pd.concat([runs[~independent], *copies], ignore_index=True)
+    expanded["shots"] = expanded["shots"].astype(int)
+    return expanded
 
 
 # ------------------------------------------------------------------ numbers
@@ -190,16 +213,18 @@ def _order(values: Iterable[Any], preferred: Sequence[Any] | None) -> list[Any]:
     return present
 
 
-def accuracy_summary(runs: pd.DataFrame) -> pd.DataFrame:
+def accuracy_summary(runs: pd.DataFrame, average_over: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean and sample standard deviation (ddof 1) of accuracy (%) over seeds, per (label, dataset, shots).
 
-    The ``Average`` dataset is the mean over datasets of each seed's accuracies, then mean ± std over
-    seeds; it is left out for a (label, shots) that lacks any dataset the others have.
+    The ``Average`` dataset is the mean over datasets (``average_over``, default all; a transfer
+    suite averages its targets) of each seed's accuracies, then mean ± std over seeds; it is left out
+    for a (label, shots) that lacks any of those datasets.
     """
     keys = ["label", "dataset", "shots"]
     per_dataset = runs.groupby(keys, sort=False)["acc"].agg(mean="mean", std="std", n="count").reset_index()
-    datasets = set(runs["dataset"])
-    per_seed = runs.groupby(["label", "shots", "seed"], sort=False).agg(
+    datasets = set(average_over or runs["dataset"])
+    averaged = runs[runs["dataset"].isin(datasets)]
+    per_seed = averaged.groupby(["label", "shots", "seed"], sort=False, dropna=False).agg(
         acc=("acc", "mean"), datasets=("dataset", "nunique")
     )
     complete = per_seed[per_seed["datasets"] == len(datasets)].reset_index()
@@ -504,7 +529,8 @@ def summary_lines(summary: pd.DataFrame, runs: pd.DataFrame, suite: str | None =
     name = f"suite {suite}: " if suite else ""
     lines = [
         f"{name}{len(runs)} runs, {runs['label'].nunique()} methods, {runs['dataset'].nunique()} datasets, "
-        f"shots {sorted(runs['shots'].unique().tolist())}, seeds {sorted(runs['seed'].unique().tolist())}"
+        f"shots {sorted(int(k) for k in runs['shots'].dropna().unique())}, "
+        f"seeds {sorted(int(k) for k in runs['seed'].dropna().unique())}"
     ]
     average = summary[summary["dataset"] == AVERAGE]
     for shots in sorted(summary["shots"].unique()):
@@ -564,13 +590,38 @@ def select_runs(
     keep = pd.Series(True, index=runs.index)
     for column, values in (("label", methods), ("dataset", datasets), ("shots", shots)):
         if values:
-            keep &= runs[column].isin(list(values))
+            keep &= runs[column].isin(list(values)) | (column == "shots") & runs[column].isna()
     if not keep.any():
         raise ValueError(
             f"no run records of methods {methods}, datasets {datasets}, shots {shots}; "
             f"the records have methods {sorted(runs['label'].unique())}, datasets {sorted(runs['dataset'].unique())}"
         )
     return runs[keep]
+
+
+def _average_note(datasets: Sequence[str], left_out: Sequence[str]) -> str:
+    """Which datasets the Average column is taken over."""
+    over = ", ".join(dataset_title(d) for d in datasets)
+    count = "the dataset" if len(datasets) == 1 else f"the {len(datasets)} datasets"
+    note = f"Average: over {count} {over}."
+    if left_out:
+        note += f" Left out: {', '.join(dataset_title(d) for d in left_out)} (see Left out)."
+    return note + "\n"
+
+
+def _left_out_lines(left_out: Sequence[str]) -> list[str]:
+    """One line per dataset the config leaves out, with the step that would add it."""
+    from blocklora.data.registry import builtin_spec
+
+    lines = []
+    for name in left_out:
+        spec = builtin_spec(name)
+        how = spec.manual if spec is not None and spec.manual else "prepare it (blocklora prepare)"
+        lines.append(
+            f"- **{dataset_title(name)}** (`{name}`): left out by `without:` in the config. To add it: {how} "
+            f"Then drop it from `without:` and run the same command again."
+        )
+    return lines
 
 
 def write_report(
@@ -583,22 +634,34 @@ def write_report(
     datasets: Sequence[str] | None = None,
     shots: Sequence[int] | None = None,
     note: str | None = None,
+    left_out: Sequence[str] = (),
+    average_over: Sequence[str] | None = None,
 ) -> WrittenReport:
-    """Write every file of :data:`REPORT_FILES` into ``out_dir``; returns them and the summary lines."""
+    """Write every file of :data:`REPORT_FILES` into ``out_dir``; returns them and the summary lines.
+
+    ``left_out``: datasets the suite names but this report lacks (config ``without:``); the report
+    says which, and what would add them. ``average_over``: the datasets the Average column is taken
+    over (default: all of the table; a transfer suite averages its targets).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = select_runs(runs, methods, datasets, shots)
-    methods, datasets = _order(runs["label"], methods), _order(runs["dataset"], datasets)
-    shots = _order(runs["shots"], [int(k) for k in shots] if shots else sorted(runs["shots"].unique()))
-    summary = accuracy_summary(runs)
+    measured = sorted(int(k) for k in runs["shots"].dropna().unique()) or [0]
+    shots = [int(k) for k in shots] if shots else measured
+    columns = in_every_shot_column(runs, shots)
+    methods, datasets = _order(columns["label"], methods), _order(columns["dataset"], datasets)
+    shots = _order(columns["shots"], shots)
+    average_over = [d for d in average_over if d in datasets] if average_over else datasets
+    summary = accuracy_summary(columns, average_over)
     title = f"suite {suite}" if suite else "benchmark"
 
     write_text(out / "runs.csv", runs.to_csv(index=False))
     write_text(out / "accuracy.csv", summary.round(4).to_csv(index=False))
     md, tex = [], []
+    average_note = _average_note(average_over, left_out)
     for k in shots:
         table = accuracy_table(summary, k, methods, datasets)
-        md += [f"### {_shots_text(k)}\n", to_markdown(table)]
+        md += [f"### {_shots_text(k)}\n", to_markdown(table), average_note]
         tex.append(
             to_latex(
                 table,
@@ -623,7 +686,7 @@ def write_report(
 
     save_figure(plot_accuracy_vs_shots(summary, methods, datasets), out / "accuracy_vs_shots")
     save_figure(
-        plot_accuracy_vs_params(summary, trainable_params(runs, profiles), methods),
+        plot_accuracy_vs_params(summary, trainable_params(columns, profiles), methods),
         out / "accuracy_vs_params",
     )
     save_figure(plot_efficiency(profiles, methods), out / "efficiency")
@@ -633,7 +696,10 @@ def write_report(
     report = [f"# Report: {title}\n"]
     if note:
         report.append(f"> {note}\n")
-    report += ["```", *lines, "```\n", "## Accuracy\n", *md, "\n## Efficiency\n", to_markdown(efficiency)]
+    report += ["```", *lines, "```\n"]
+    if left_out:
+        report += ["## Left out\n", *_left_out_lines(left_out), ""]
+    report += ["## Accuracy\n", *md, "\n## Efficiency\n", to_markdown(efficiency)]
     report += [
         "\n## Figures\n",
         "![accuracy vs shots](accuracy_vs_shots.png)\n",
@@ -658,11 +724,22 @@ def build_report(
     shots: Sequence[int] | None = None,
     note: str | None = None,
     allow_mixed: bool = False,
+    left_out: Sequence[str] = (),
+    average_over: Sequence[str] | None = None,
 ) -> list[str]:
     """Everything ``blocklora report`` does: write the report and return its summary lines."""
     runs = load_runs(records, allow_mixed=allow_mixed)
     profile_table = load_profiles(profiles) if profiles else pd.DataFrame(columns=["label", *PROFILE_FIELDS])
     written = write_report(
-        runs, profile_table, out_dir, suite=suite, methods=methods, datasets=datasets, shots=shots, note=note
+        runs,
+        profile_table,
+        out_dir,
+        suite=suite,
+        methods=methods,
+        datasets=datasets,
+        shots=shots,
+        note=note,
+        left_out=left_out,
+        average_over=average_over,
     )
     return [*written.lines, f"report written to {written.files['report.md']}"]

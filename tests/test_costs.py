@@ -41,7 +41,7 @@ def test_step_time_lookup_interpolates_extrapolates_and_falls_back():
 
 def test_step_times_are_keyed_by_profile_name():
     profiles = [
-        {"method": "blocklora", "name": "blocklora_n4", "num_classes": 1000, "step_ms": 12.5},
+        {"method": "blocklora", "label": "blocklora_n4", "num_classes": 1000, "step_ms": 12.5},
         {"method": "zeroshot", "num_classes": 1000, "step_ms": None},
     ]
     assert step_times(profiles) == {("blocklora_n4", 1000): 12.5, ("zeroshot", 1000): None}

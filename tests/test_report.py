@@ -191,11 +191,18 @@ def test_efficiency_table_fills_missing_fields_with_a_dash(tmp_path):
     assert table.loc["Zero-shot CLIP", "Latency merged / frozen"] == report.MISSING
 
 
-def test_variant_label_comes_from_the_run_folder(tmp_path):
-    paths = write_records(tmp_path, methods=["blocklora_n4"], variants={"blocklora_n4": "blocklora"})
-    runs = report.load_runs(paths)
+def test_a_label_comes_with_its_path_else_from_the_method_or_its_run_folder(tmp_path):
+    paths = write_records(
+        tmp_path / "a", methods=["blocklora-1111aaaa"], variants={"blocklora-1111aaaa": "blocklora"}
+    )
+    runs = report.load_runs([f"blocklora_n4={path}" for path in paths])
     assert set(runs["label"]) == {"blocklora_n4"}
     assert set(runs["method"]) == {"blocklora"}
+    assert set(report.load_runs(paths)["label"]) == {"blocklora"}  # one configuration: the method
+    more = write_records(
+        tmp_path / "b", methods=["blocklora-2222bbbb"], variants={"blocklora-2222bbbb": "blocklora"}
+    )
+    assert set(report.load_runs(paths + more)["label"]) == {"blocklora-1111aaaa", "blocklora-2222bbbb"}
 
 
 def test_write_report_writes_every_file(tmp_path):
@@ -278,10 +285,10 @@ def test_report_files_agree_with_the_workflow_rule():
     assert named == set(report.REPORT_FILES)
 
 
-def test_profile_label_is_its_name_else_the_file_stem(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps({"method": "blocklora", "name": "blocklora_n4"}))
+def test_profile_label_is_the_one_given_else_its_method(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"method": "blocklora"}))
     (tmp_path / "lora.json").write_text(json.dumps({"method": "lora"}))
-    profiles = report.load_profiles(tmp_path)
+    profiles = report.load_profiles([f"blocklora_n4={tmp_path / 'a.json'}", tmp_path / "lora.json"])
     assert sorted(profiles["label"]) == ["blocklora_n4", "lora"]
 
 

@@ -17,7 +17,7 @@ FAST = {
     "log_every": 10,
 }
 RECORD_KEYS = {
-    "method", "dataset", "suite", "shots", "seed", "backbone", "pretrained", "accuracy", "num_classes",
+    "method", "dataset", "shots", "seed", "backbone", "pretrained", "accuracy", "num_classes",
     "test_size", "trainable_params", "total_params", "iterations", "train_seconds", "eval_seconds",
     "peak_memory_mib", "device", "hparams", "versions", "git_commit", "created", "protocol_version",
     "config_hash", "inputs", "inputs_hash", "template",

@@ -150,3 +150,96 @@ def verify_layout(spec: DatasetSpec, root: str | Path, split: Split | None = Non
             f"What to do: {spec.manual or 'rerun the data preparation.'} If an extraction was interrupted, "
             f"delete {Path(root) / MARKER_DIR} and rerun to extract the archives again."
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet from its ILSVRC-2012 archives.
+
+ILSVRC_GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
+ILSVRC_META = "data/meta.mat"
+
+
+def _plain_file_name(name: str, archive: Path) -> str:
+    """A member that must be a bare file name (no folder, no traversal)."""
+    base = PurePosixPath(name.replace("\\", "/"))
+    if len(base.parts) != 1 or base.name in ("", ".", ".."):
+        raise ExtractionError(f"refusing to extract {archive}: member {name!r} is not a plain file name")
+    return base.name
+
+
+def ilsvrc_val_classes(devkit: str | Path) -> list[str]:
+    """The wnid of each validation image, in file order (ILSVRC2012_val_00000001 first), from the devkit:
+    the ground truth holds ILSVRC2012_IDs, which meta.mat's ``synsets`` map to wnids."""
+    import io
+
+    from scipy.io import loadmat
+
+    devkit = Path(devkit)
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(devkit, "r:*") as tar:
+            for member in tar:
+                for wanted in (ILSVRC_GROUND_TRUTH, ILSVRC_META):
+                    if member.isfile() and member.name.endswith(wanted):
+                        found[wanted] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as err:
+        raise ExtractionError(f"cannot read {devkit}: {err}. Delete it and fetch it again.") from None
+    missing = [name for name in (ILSVRC_GROUND_TRUTH, ILSVRC_META) if name not in found]
+    if missing:
+        raise ExtractionError(f"{devkit} lacks {missing}: is it ILSVRC2012_devkit_t12.tar.gz?")
+    synsets = loadmat(io.BytesIO(found[ILSVRC_META]), squeeze_me=True)["synsets"]
+    wnid_of = {
+        int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets if int(row["num_children"]) == 0
+    }
+    ids = [int(line) for line in found[ILSVRC_GROUND_TRUTH].decode().split()]
+    unknown = sorted(set(ids) - set(wnid_of))
+    if unknown:
+        raise ExtractionError(f"{devkit}: ground-truth ids {unknown[:5]} are not leaf synsets of meta.mat")
+    return [wnid_of[i] for i in ids]
+
+
+def unpack_ilsvrc2012(
+    root: str | Path, train_tar: str | Path, val_tar: str | Path, devkit: str | Path
+) -> None:
+    """ILSVRC-2012's archives into ``root/images/train/<wnid>/`` and ``root/images/val/<wnid>/``.
+
+    The train tar holds one ``<wnid>.tar`` per class, each of flat images; the val tar holds the
+    50,000 images flat (``ILSVRC2012_val_00000001.JPEG`` …), which go into the classes the devkit's
+    ground truth gives them, line n for image n (:func:`ilsvrc_val_classes`).
+    Both are read as streams (the train tar is 138 GB): each member is written where it belongs and
+    nothing else, and a member that is not a plain file name stops the extraction.
+    """
+    root, train_tar, val_tar = Path(root), Path(train_tar), Path(val_tar)
+    classes = ilsvrc_val_classes(devkit)
+    images = root / "images"
+    try:
+        with tarfile.open(train_tar, "r|*") as outer:
+            for member in outer:
+                if not member.isfile():
+                    continue
+                wnid = Path(_plain_file_name(member.name, train_tar)).stem
+                folder = images / "train" / wnid
+                folder.mkdir(parents=True, exist_ok=True)
+                with tarfile.open(fileobj=outer.extractfile(member), mode="r|*") as inner:
+                    for image in inner:
+                        if image.isfile():
+                            name = _plain_file_name(image.name, train_tar)
+                            (folder / name).write_bytes(inner.extractfile(image).read())
+        with tarfile.open(val_tar, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = _plain_file_name(member.name, val_tar)
+                match = re.fullmatch(r"ILSVRC2012_val_(\d{8})\.JPEG", name)
+                if match is None or not 1 <= int(match[1]) <= len(classes):
+                    raise ExtractionError(
+                        f"{val_tar}: {name!r} is not one of the {len(classes)} images ILSVRC2012_val_NNNNNNNN.JPEG "
+                        "the devkit labels; are they the ILSVRC-2012 val tar and devkit_t12?"
+                    )
+                folder = images / "val" / classes[int(match[1]) - 1]
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(tar.extractfile(member).read())
+    except (tarfile.TarError, EOFError) as err:
+        raise ExtractionError(
+            f"cannot extract ImageNet's archives ({err}); delete them and fetch them again"
+        ) from None

@@ -8,13 +8,15 @@ presence means the dataset is complete.
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from blocklora.data.errors import DataError
-from blocklora.data.extract import MARKER_DIR, layout_problems, safe_extract, verify_layout
+from blocklora.data.extract import MARKER_DIR, layout_problems, safe_extract, unpack_ilsvrc2012, verify_layout
 from blocklora.data.fetch import fetch_source
 from blocklora.data.registry import DatasetSpec, get_dataset
 from blocklora.data.splits import (
@@ -29,6 +31,7 @@ from blocklora.data.splits import (
 )
 from blocklora.io import write_json
 
+SOURCES_FORMAT = "blocklora-sources/1"
 SPLIT_FILE = "split.json"
 DOWNLOADS_DIR = "downloads"
 MANIFEST_FILE = "downloads.json"
@@ -44,11 +47,68 @@ class Places:
     download_dir: Path  # where new downloads go
 
 
-def places(name: str, data_root: str | Path, archives_dir: str | Path | None) -> Places:
-    """The folders of dataset ``name``; a synthetic dataset is an error (it is generated, not fetched)."""
+def read_sources(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A sources file: other URLs and checksums of datasets' files (a mirror, the rehearsal's fixtures).
+
+    ``{"format": "blocklora-sources/1", "datasets": {name: {"files": {filename: {"url"?, "md5"?,
+    "sha256"?}}, "split_sizes"?: {...}, "min_images"?: n}}}``. A file listed there is fetched from its
+    URL (or found locally) and verified against those checksums instead of the registry's.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read the sources file {path} ({exc})") from None
+    if data.get("format") != SOURCES_FORMAT or not isinstance(data.get("datasets"), dict):
+        raise DataError(f"{path} is not a sources file (expected format {SOURCES_FORMAT!r})")
+    return data["datasets"]
+
+
+def with_sources(
+    spec: DatasetSpec, sources: dict[str, Any] | None, origin: str = "sources file"
+) -> DatasetSpec:
+    """``spec`` with the files, expected split sizes and image count that ``sources`` gives for it."""
+    if not sources:
+        return spec
+    files = sources.get("files", {})
+    unknown = sorted(set(files) - {source.filename for source in spec.sources})
+    if unknown:
+        raise DataError(
+            f"{origin} lists {unknown} for dataset {spec.name!r}, which has only "
+            f"{[source.filename for source in spec.sources]}"
+        )
+    replaced = tuple(
+        replace(
+            source,
+            url=files[source.filename].get("url"),
+            gdrive_id=None,
+            md5=files[source.filename].get("md5"),
+            sha256=files[source.filename].get("sha256"),
+            alternatives=(),
+        )
+        if source.filename in files
+        else source
+        for source in spec.sources
+    )
+    return replace(
+        spec,
+        sources=replaced,
+        split_sizes=sources.get("split_sizes", spec.split_sizes),
+        split_sizes_verified=True if "split_sizes" in sources else spec.split_sizes_verified,
+        min_images=sources.get("min_images", spec.min_images),
+    )
+
+
+def places(
+    name: str, data_root: str | Path, archives_dir: str | Path | None, sources: str | Path | None = None
+) -> Places:
+    """The folders of dataset ``name`` (with the files of ``sources``, if given); a synthetic dataset
+    is an error (it is generated, not fetched)."""
     spec = get_dataset(name)
     if spec.synthetic:
         raise DataError(f"{name!r} is a synthetic demo dataset; it is generated, not downloaded")
+    if sources is not None:
+        spec = with_sources(spec, read_sources(sources).get(name), str(sources))
     root = Path(data_root) / name
     archives = [Path(archives_dir)] if archives_dir is not None else []
     return Places(
@@ -94,6 +154,15 @@ def _build_split(where: Places, *, download: bool, progress: bool | None) -> Spl
 
 def _extract_sources(where: Places, *, download: bool, progress: bool | None) -> None:
     root, markers = where.root, where.root / MARKER_DIR
+    if where.spec.unpack == "ilsvrc2012":
+        if not (markers / "ilsvrc2012").exists():
+            paths = [
+                _fetch(where, source, download=download, progress=progress) for source in where.spec.sources
+            ]
+            unpack_ilsvrc2012(root, *paths)
+            markers.mkdir(exist_ok=True)
+            (markers / "ilsvrc2012").write_text("".join(f"{path}\n" for path in paths))
+        return
     for source in where.spec.sources:
         if source.kind == "split" or (markers / source.filename).exists():
             continue
@@ -118,13 +187,14 @@ def fetch_dataset(
     archives_dir: str | Path | None = None,
     download: bool = True,
     progress: bool | None = None,
+    sources: str | Path | None = None,
 ) -> Path:
     """Download (or find) and verify every file of one dataset, without extracting anything.
 
     Writes ``<data_root>/<name>/downloads.json`` (atomically, last) naming the verified copy of each
     file; archives whose contents are already extracted in place are not fetched again.
     """
-    where = places(name, data_root, archives_dir)
+    where = places(name, data_root, archives_dir, sources)
     where.root.mkdir(parents=True, exist_ok=True)
     extracted = not layout_problems(where.spec, where.root)
     files: dict[str, str] = {}
@@ -143,6 +213,7 @@ def prepare_dataset(
     archives_dir: str | Path | None = None,
     download: bool = True,
     progress: bool | None = None,
+    sources: str | Path | None = None,
 ) -> Path:
     """Fetch (or find in ``archives_dir`` / the dataset folder), verify, extract and split one dataset.
 
@@ -150,7 +221,7 @@ def prepare_dataset(
     ``archives_dir``, in ``<data_root>/<name>/`` or in its ``downloads/`` folder are used without network;
     new downloads go to ``archives_dir`` if given, else to ``<data_root>/<name>/downloads/``.
     """
-    where = places(name, data_root, archives_dir)
+    where = places(name, data_root, archives_dir, sources)
     split_path = where.root / SPLIT_FILE
     if split_path.exists():
         return split_path

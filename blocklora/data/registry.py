@@ -75,6 +75,9 @@ class DatasetSpec:
     manual: str = ""
     notes: str = ""
     synthetic: bool = False
+    # How the archives become the layout: "extract" each into the dataset folder, or "ilsvrc2012"
+    # (the ImageNet train tar of per-class tars, the flat val tar sorted into classes by the devkit).
+    unpack: Literal["extract", "ilsvrc2012"] = "extract"
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -155,11 +158,12 @@ _OX = "https://www.robots.ox.ac.uk/~vgg/data"
 
 _IMAGENET_MANUAL = (
     "ImageNet (ILSVRC-2012) cannot be downloaded automatically: its licence requires an account at "
-    "https://image-net.org. Download ILSVRC2012_img_train.tar (md5 1d675b47d978889d74fa0da5fadfb00e) and "
-    "ILSVRC2012_img_val.tar (md5 29b22e2961454d5413ddabcf34fc5622), extract them into one folder per "
-    "class (the val images sorted by their labels, e.g. with torchvision.datasets.ImageNet or the usual "
-    "valprep.sh), and place them as <data_root>/imagenet/images/train/nXXXXXXXX/*.JPEG and "
-    "<data_root>/imagenet/images/val/nXXXXXXXX/*.JPEG (1000 class folders each). Then rerun."
+    "https://image-net.org. Download ILSVRC2012_img_train.tar (md5 1d675b47d978889d74fa0da5fadfb00e), "
+    "ILSVRC2012_img_val.tar (md5 29b22e2961454d5413ddabcf34fc5622) and ILSVRC2012_devkit_t12.tar.gz "
+    "(md5 fa75699e90414af021442c21a62c3abf) into the archives folder (config `archives_dir`) or into "
+    "<data_root>/imagenet/; prepare unpacks them into one folder per class. Or place class folders you "
+    "already have as <data_root>/imagenet/images/train/nXXXXXXXX/*.JPEG and "
+    "<data_root>/imagenet/images/val/nXXXXXXXX/*.JPEG (1000 each). Then rerun."
 )
 
 _CARS_MANUAL = (
@@ -192,11 +196,18 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         template=_GENERIC,
         image_dir="images",
         num_classes=1000,
+        sources=(
+            Source(filename="ILSVRC2012_img_train.tar", md5="1d675b47d978889d74fa0da5fadfb00e"),
+            Source(filename="ILSVRC2012_img_val.tar", md5="29b22e2961454d5413ddabcf34fc5622"),
+            Source(filename="ILSVRC2012_devkit_t12.tar.gz", md5="fa75699e90414af021442c21a62c3abf"),
+        ),
+        unpack="ilsvrc2012",
         layout=("images/train", "images/val"),
-        split_sizes={"train": 1_281_167, "val": 50_000, "test": 50_000},
+        split_sizes={"train": 1_281_167, "val": 0, "test": 50_000},
         split_source="imagenet_folders",
         manual=_IMAGENET_MANUAL,
-        notes="No split file: train = ILSVRC-12 train folders, val = test = ILSVRC-12 val (as CoOp). "
+        notes="No split file: train = ILSVRC-12 train folders, test = ILSVRC-12 val; no val of its own "
+        "(CoOp reuses the test images as val): the few-shot val is drawn from the train images. "
         "Class names are CLIP's, ordered by sorted wnid (package file imagenet_classnames.txt).",
     ),
     DatasetSpec(
@@ -527,6 +538,11 @@ def dataset_names(*, include_synthetic: bool = True) -> list[str]:
     """Names of the registered datasets, built-in ones first, in registration order."""
     _load_plugins()
     return [name for name, spec in _REGISTRY.items() if include_synthetic or not spec.synthetic]
+
+
+def builtin_spec(name: str) -> DatasetSpec | None:
+    """The spec of a built-in dataset, or None; loads no plugin (the workflow asks this while planning)."""
+    return next((spec for spec in _BUILTIN if spec.name == name), None)
 
 
 def get_dataset(name: str) -> DatasetSpec:

@@ -184,11 +184,17 @@ def _folder_entries(root: Path, prefix: str, label_folders: str) -> list[list[An
 
 
 def imagenet_split(image_root: str | Path) -> Split:
-    """ImageNet from ``image_root/{train,val}/nXXXXXXXX/``: val doubles as test (as in CoOp)."""
+    """ImageNet from ``image_root/{train,val}/nXXXXXXXX/``: ILSVRC's val images are the test split.
+
+    The split has no val of its own: ILSVRC's only labelled held-out images are the test set (CoOp
+    lists them as both val and test, so that model selection would see test images). The few-shot
+    sampler draws ImageNet's validation images from the train images instead
+    (:func:`blocklora.data.fewshot.sample_fewshot`).
+    """
     image_root = Path(image_root)
     train = _folder_entries(image_root / "train", "train", "wnid")
     test = _folder_entries(image_root / "val", "val", "wnid")
-    return {"train": train, "val": [list(e) for e in test], "test": test}
+    return {"train": train, "val": [], "test": test}
 
 
 def eval_split(image_root: str | Path, label_folders: str) -> Split:

@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 from typing import Any
 
+from blocklora import hparams
 from blocklora.methods.base import EVAL_DEFAULTS, TRAIN_DEFAULTS, FewShotTask, Method
 from blocklora.methods.frozen import FeatureMethod
 from blocklora.methods.registry import REGISTRY, register_method
@@ -58,15 +59,8 @@ def configured_method(
 
 
 def resolve_hparams(method: type[Method], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The method's defaults updated by ``overrides``; an unknown key is an error naming it."""
-    defaults = method.all_defaults()
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"unknown hyper-parameter(s) {unknown} for method {method.name!r}; known: {', '.join(sorted(defaults))}"
-        )
-    return {**defaults, **overrides}
+    """The method's defaults updated by ``overrides``, checked and coerced (:func:`blocklora.hparams.resolve`)."""
+    return hparams.resolve(method.name, method.all_defaults(), method.all_types(), overrides)
 
 
 __all__ = [

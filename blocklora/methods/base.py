@@ -42,6 +42,8 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "logit_scale": 100.0,
     "eval_batch_size": 128,
 }
+# Types the defaults above do not show (see blocklora.hparams).
+TRAIN_TYPES: dict[str, str] = {"iterations": "int|null", "compile": "bool|str"}
 
 
 @dataclass
@@ -82,9 +84,14 @@ class Method:
     summary: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     base_defaults: ClassVar[dict[str, Any]] = TRAIN_DEFAULTS
+    # Types of hyper-parameters whose default does not show it (None, a flag that also takes a mode).
+    hparam_types: ClassVar[dict[str, str]] = TRAIN_TYPES
     # True when nothing learned is tied to the training classes (adapters, prompt context), so
     # the method can be tested on a dataset with other classes (cross-dataset transfer).
     class_agnostic: ClassVar[bool] = False
+    # False for a method that learns nothing from the few-shot set (zero-shot CLIP): its result
+    # depends on neither shots nor seed, so it runs once per dataset.
+    needs_fewshot: ClassVar[bool] = True
 
     def __init__(self, backbone: Backbone, task: FewShotTask, hparams: dict[str, Any]) -> None:
         self.backbone = backbone
@@ -94,6 +101,14 @@ class Method:
     @classmethod
     def all_defaults(cls) -> dict[str, Any]:
         return {**cls.base_defaults, **cls.defaults}
+
+    @classmethod
+    def all_types(cls) -> dict[str, str]:
+        """The declared type of each hyper-parameter that needs one, subclasses' over their bases'."""
+        types: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            types.update(getattr(klass, "hparam_types", None) or {})
+        return {k: v for k, v in types.items() if k in cls.all_defaults()}
 
     @property
     def model(self) -> nn.Module:

@@ -63,6 +63,7 @@ class CLIPAdapter(FeatureMethod):
         "augment_passes": 10,
         "crop_scale": [0.5, 1.0],
     }
+    hparam_types: ClassVar[dict[str, str]] = {"template": "str|null"}
 
     def setup(self) -> None:
         self.adapter = Adapter(self.feature_dim, int(self.hp["reduction"])).to(self.device)

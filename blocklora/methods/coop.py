@@ -70,6 +70,7 @@ class CoOp(FeatureMethod):
         "epochs_by_dataset": {"imagenet": 50},
         "crop_scale": [0.08, 1.0],
     }
+    hparam_types: ClassVar[dict[str, str]] = {"warmup_iterations": "int|null", "epochs": "int|null"}
 
     def epochs(self) -> int:
         """The epoch budget: ``epochs`` if set, else by dataset, else by shots."""

@@ -65,7 +65,7 @@ class FeatureMethod(Method):
         )
 
     def labels(self, entries: Sequence[Sequence]) -> torch.Tensor:
-        return torch.tensor([int(e[1]) for e in entries], device=self.device)
+        return torch.tensor([int(e[1]) for e in entries], dtype=torch.long, device=self.device)
 
     def eval_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -35,6 +35,7 @@ class LinearProbe(FeatureMethod):
         "search_steps": 8,
         "max_iter": 1000,
     }
+    hparam_types: ClassVar[dict[str, str]] = {"C": "float|null"}
 
     def setup(self) -> None:
         self.head = nn.Linear(self.feature_dim, self.task.num_classes).to(self.device)

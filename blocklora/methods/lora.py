@@ -31,6 +31,7 @@ class LoRA(Method):
         "fuse": True,
         "template": "a photo of a {}.",
     }
+    hparam_types: ClassVar[dict[str, str]] = {"layers": "str|list"}
     adapter_kind = "lora"
 
     def adapter_kwargs(self) -> dict[str, Any]:

@@ -90,6 +90,11 @@ class TipAdapter(FeatureMethod):
         "search_step": [200, 20],
         "dataset_settings": DATASET_SETTINGS,
     }
+    hparam_types: ClassVar[dict[str, str]] = {
+        "template": "str|null",
+        "init_alpha": "float|null",
+        "search_scale": "list|null",
+    }
 
     def setting(self, key: str) -> Any:
         """``hp[key]`` if set, else the dataset's entry in ``dataset_settings``, else its default."""
@@ -210,6 +215,7 @@ class TipAdapterF(TipAdapter):
         "epochs": None,
         "train_views": None,
     }
+    hparam_types: ClassVar[dict[str, str]] = {"epochs": "int|null", "train_views": "int|null"}
 
     def setup(self) -> None:
         super().setup()
@@ -281,5 +287,7 @@ class TipAdapterF(TipAdapter):
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         super().load_state(tensors)
+        if self.cache_keys.weight.shape != tensors["keys"].shape:  # a cache of another few-shot set
+            self.cache_keys = nn.Linear(self.feature_dim, len(tensors["keys"]), bias=False).to(self.device)
         with torch.no_grad():
             self.cache_keys.weight.copy_(tensors["keys"])

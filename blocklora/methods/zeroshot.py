@@ -16,7 +16,9 @@ class ZeroShot(Method):
     class_agnostic = True
     summary = "zero-shot CLIP with the dataset's prompt template (PROTOCOL.md §4)"
     base_defaults = EVAL_DEFAULTS
+    needs_fewshot = False
     defaults: ClassVar[dict[str, Any]] = {"template": None}
+    hparam_types: ClassVar[dict[str, str]] = {"template": "str|null"}
 
     def iterations(self) -> int:
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 import threading
@@ -13,7 +14,18 @@ from pathlib import Path
 
 import pytest
 
-REFERENCE_SPLITS = Path(__file__).resolve().parents[2] / "../shared/reference/splits"
+# Seven of CoOp's split files, as published (gzip): the sampler and the class names are checked on them.
+REFERENCE_SPLITS = Path(__file__).resolve().parent / "splits"
+# sha256 of each decompressed file: the copies are the published files, byte for byte.
+REFERENCE_SHA256 = {
+    "split_zhou_Caltech101.json": "52ce83205ff8ff8a1a18119aad6376120ae35c36e783a984bc560cbf10e73fa5",
+    "split_zhou_DescribableTextures.json": "f26ebeccd2b58e68d70f07a0dc39fe49bf7b69024bac34396b954dfd87969c38",
+    "split_zhou_EuroSAT.json": "541503a77d0b26b735d85ec7a3e672804fe0aa466c2e5f07da772cc6c0af8ad2",
+    "split_zhou_OxfordFlowers.json": "2f50c42fc1a17ca13c271cb4269b1347bdb43d2be672e34f74a4e4cbfbcca794",
+    "split_zhou_OxfordPets.json": "d7f3ffe65b3919f95132e51422894ae18686b83c331fd8c0adcdc3dc2de6301e",
+    "split_zhou_StanfordCars.json": "40acee7aa65c8e4727a32d90e884b7c3f8960b523422317e163f7af65432959d",
+    "split_zhou_UCF101.json": "d78cb834f7c5792ceaff2c5ee2d7c76a9e4086e48a3a6b01232989d29cbefdd8",
+}
 
 
 @dataclass
@@ -128,11 +140,11 @@ def make_zip(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
-def reference_split(name: str) -> Path:
-    """Path of a reference split_zhou file; skip the test when the reference folder is absent."""
-    path = REFERENCE_SPLITS / name
+def reference_split(name: str, folder: Path) -> Path:
+    """A reference split_zhou file, decompressed into ``folder`` (a missing one fails the test)."""
+    path = folder / name
     if not path.is_file():
-        pytest.skip(f"reference split {path} not available")
+        path.write_bytes(gzip.decompress((REFERENCE_SPLITS / f"{name}.gz").read_bytes()))
     return path
 
 
@@ -147,5 +159,6 @@ def make_zip_fixture():
 
 
 @pytest.fixture(name="reference_split", scope="session")
-def reference_split_fixture():
-    return reference_split
+def reference_split_fixture(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference_splits")
+    return lambda name: reference_split(name, folder)

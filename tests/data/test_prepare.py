@@ -161,10 +161,11 @@ def test_missing_manual_dataset_says_where_to_put_what(tmp_path, no_network):
         assert expected in message
 
 
-def test_missing_imagenet_explains_the_licence(tmp_path, no_network):
-    with pytest.raises(LayoutError) as err:
+def test_missing_imagenet_is_a_manual_download_that_explains_the_licence(tmp_path, no_network):
+    with pytest.raises(ManualDownloadRequired) as err:
         prepare_dataset("imagenet", tmp_path / "data")
     assert "image-net.org" in str(err.value) and "images/train/nXXXXXXXX" in str(err.value)
+    assert "ILSVRC2012_devkit_t12.tar.gz" in str(err.value) and "archives folder" in str(err.value)
 
 
 def test_downloads_off_and_file_absent_is_manual(toy, tmp_path, no_network):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -141,7 +142,7 @@ def test_imagenet_split_from_class_folders(tmp_path):
     split = imagenet_split(tmp_path)
     assert split["train"][0] == ["train/n01440764/img_0.JPEG", 0, "tench"]
     assert split["train"][-1] == ["train/n01443537/img_2.JPEG", 1, "goldfish"]
-    assert split["val"] == split["test"] and len(split["test"]) == 4
+    assert split["val"] == [] and len(split["test"]) == 4  # no val of its own: test images are not val
     assert classnames(split) == {0: "tench", 1: "goldfish"}
 
 
@@ -159,3 +160,10 @@ def test_fgvc_unknown_variant_is_an_error(tmp_path):
     (tmp_path / "images_variant_test.txt").write_text("0001 A300B4\n0002 F/A-18\n")
     with pytest.raises(SplitError, match=r"images_variant_test.txt:2: variant 'F/A-18'"):
         fgvc_split(tmp_path)
+
+
+def test_the_shipped_reference_splits_are_the_published_files(reference_split):
+    from tests.data.conftest import REFERENCE_SHA256
+
+    for name, digest in REFERENCE_SHA256.items():
+        assert hashlib.sha256(reference_split(name).read_bytes()).hexdigest() == digest, name

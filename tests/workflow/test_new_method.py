@@ -29,8 +29,9 @@ def test_a_method_from_a_new_module_gets_its_jobs(tmp_path):
     assert result.returncode == 0, output
     paper = CONFIG["suites"]["paper"]
     cells = len(paper["datasets"]) * len(paper["shots"]) * len(paper["seeds"])
-    assert job_counts(output)["train"] == cells * (len(paper["methods"]) + 1)
-    ensemble = {p for p in outputs_of(output, "train") if "/ensemble/" in p and p.endswith("record.json")}
+    zeroshot_once = len(paper["datasets"])
+    assert job_counts(output)["train"] == cells * len(paper["methods"]) + zeroshot_once
+    ensemble = {p for p in outputs_of(output, "train") if "/ensemble-" in p and p.endswith("record.json")}
     assert len(ensemble) == cells
     assert "--method ensemble --module toy_method" in output
 

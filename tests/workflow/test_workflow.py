@@ -73,10 +73,31 @@ def paper_dry_run(tmp_path_factory) -> str:
     return result.stdout + result.stderr
 
 
-def test_paper_dry_run_has_one_train_job_per_dataset_method_shots_seed(paper_dry_run):
+RUN_PATH = re.compile(
+    r"results/runs/(?P<setup>[^/]+)/(?P<dataset>\w+)/(?P<method>\w+)-(?P<hash>[0-9a-f]{8})/"
+    r"(?:shots(?P<shots>\d+)_seed(?P<seed>\d+)|any_shots)/record\.json"
+)
+
+
+def planned_runs(output: str, rule: str = "train", configuration: bool = False) -> list[tuple]:
+    """(setup, dataset, method, shots, seed) of each record a dry run plans (shots/seed None for
+    any_shots); with ``configuration``, the method is its folder, hash of its hyper-parameters included."""
+    runs = []
+    for path in outputs_of(output, rule):
+        if path.endswith("record.json"):
+            match = RUN_PATH.fullmatch(path)
+            assert match, path
+            shots, seed = match["shots"], match["seed"]
+            runs.append(
+                (match["setup"], match["dataset"], match["method"], shots and int(shots), seed and int(seed))
+            )
+    return runs
+
+
+def test_paper_dry_run_has_one_train_job_per_dataset_method_shots_seed_and_zero_shot_once(paper_dry_run):
     counts = job_counts(paper_dry_run)
     datasets, methods, shots, seeds = (len(PAPER[k]) for k in ("datasets", "methods", "shots", "seeds"))
-    assert counts["train"] == datasets * methods * shots * seeds == 11 * 8 * 5 * 3
+    assert counts["train"] == datasets * (methods - 1) * shots * seeds + datasets == 11 * 7 * 5 * 3 + 11
     assert counts["download"] == counts["prepare"] == 11
     assert counts["fewshot"] == 11 * 5 * 3
     assert counts["profile"] == 8
@@ -86,14 +107,15 @@ def test_paper_dry_run_has_one_train_job_per_dataset_method_shots_seed(paper_dry
 
 def test_paper_dry_run_lists_every_run_record_and_fewshot_file(paper_dry_run):
     expected_records = {
-        f"results/runs/paper/{d}/{m}/shots{k}_seed{s}/record.json"
+        ("ViT-B-16_openai", d, m, k, s)
         for d in PAPER["datasets"]
         for m in PAPER["methods"]
         for k in PAPER["shots"]
         for s in PAPER["seeds"]
-    }
-    records = {p for p in outputs_of(paper_dry_run, "train") if p.endswith("record.json")}
-    assert records == expected_records
+        if m != "zeroshot"
+    } | {("ViT-B-16_openai", d, "zeroshot", None, None) for d in PAPER["datasets"]}
+    runs = planned_runs(paper_dry_run)
+    assert len(runs) == len(set(runs)) and set(runs) == expected_records
     expected_fewshot = {
         f"results/fewshot/{d}/shots{k}_seed{s}.json"
         for d in PAPER["datasets"]
@@ -104,19 +126,28 @@ def test_paper_dry_run_lists_every_run_record_and_fewshot_file(paper_dry_run):
     assert outputs_of(paper_dry_run, "prepare") == {f"results/data/{d}/split.json" for d in PAPER["datasets"]}
 
 
-def test_smoke_suite_builds_the_demo_backbone_and_data_first(tmp_path):
-    result = snakemake(tmp_path, "-n", "-p", "--config", "suite=smoke")
+def test_the_demo_suite_builds_the_demo_backbone_and_data_first(tmp_path):
+    result = snakemake(tmp_path, "-n", "-p", "--config", "suite=demo")
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
-    smoke = CONFIG["suites"]["smoke"]
-    runs = len(smoke["datasets"]) * len(smoke["methods"]) * len(smoke["shots"]) * len(smoke["seeds"])
+    demo = CONFIG["suites"]["demo"]
+    cells = len(demo["shots"]) * len(demo["seeds"])
+    runs = len(demo["datasets"]) * ((len(demo["methods"]) - 1) * cells + 1)  # zero-shot once per dataset
     assert counts["train"] == runs
     assert counts["demo_corpus"] == counts["pretrain_demo"] == 1
-    assert counts["demo_data"] == len(smoke["datasets"])
+    assert counts["demo_data"] == len(demo["datasets"])
     assert "prepare" not in counts
     train_lines = [line for line in result.stdout.splitlines() if "blocklora.cli train" in line]
     assert len(train_lines) == runs
     assert all("--pretrained results/demo/backbone.pt" in line for line in train_lines)
+
+
+def test_the_smoke_suite_needs_no_pre_training(tmp_path):
+    result = snakemake(tmp_path, "-n", "-p", "--config", "suite=smoke")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert "pretrain_demo" not in counts and "demo_corpus" not in counts
+    assert counts["demo_data"] == len(CONFIG["suites"]["smoke"]["datasets"])
 
 
 @pytest.mark.parametrize("suite", sorted(CONFIG["suites"]))
@@ -129,13 +160,42 @@ def test_every_suite_builds_its_dag(tmp_path, suite):
 def test_variant_runs_its_library_method_with_its_overrides(tmp_path):
     result = snakemake(tmp_path, "-n", "-p", "--config", "suite=ablation")
     assert result.returncode == 0, result.stdout + result.stderr
-    line = next(
+    lines = [
         line
         for line in result.stdout.splitlines()
-        if "--record results/runs/ablation/dtd/blocklora_n4/" in line
+        if "blocklora.cli train" in line and "--dataset dtd" in line and '"blocks": 4' in line
+    ]
+    assert len(lines) == 3  # blocklora_n4: 16 shots x 3 seeds
+    assert all("--method blocklora " in line and "/dtd/blocklora-" in line for line in lines)
+
+
+def test_a_run_several_suites_ask_for_is_planned_once(tmp_path):
+    result = snakemake(
+        tmp_path, "-n", "-p", "--config", "suite=[paper,ablation,cross_dataset,domain_generalization]"
     )
-    assert "--method blocklora " in line
-    assert '"blocks": 4' in line
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    runs = planned_runs(output)
+    # paper: 1166 runs; ablation adds its 9 entries the paper lacks (not lora, and blocklora_n8 is
+    # blocklora), 11 datasets x 16 shots x 3 seeds each; cross_dataset and domain_generalization train
+    # only what the paper trains already (ImageNet, 16 shots)
+    assert job_counts(output)["train"] == len(runs) == 1166 + 9 * 11 * 3
+    paper_lora = '--method lora --hparams \'{"alpha": 1.0, "dropout": 0.25, "rank": 2}\''
+    imagenet_lora = [
+        line
+        for line in output.splitlines()
+        if "blocklora.cli train" in line and paper_lora in line and "--dataset imagenet" in line
+        and "--shots 16 --seed 1" in line
+    ]  # fmt: skip
+    assert len(imagenet_lora) == 1  # asked for by all four suites
+    # blocklora_n8 is blocklora with the same hyper-parameters: one run, one profile
+    blocklora_16 = [r for r in runs if r[1] == "dtd" and r[2] == "blocklora" and r[3:] == (16, 1)]
+    # n = 8 (the paper's blocklora), n in 1, 2, 4, 16 and r in 1, 4, 8
+    assert len(blocklora_16) == 1 + 7
+    counts = job_counts(output)
+    assert counts["report"] == 4 and counts["profile"] == 17
+    # each report still gathers all of its runs, under its own labels
+    assert output.count("blocklora_n8=results/runs/ViT-B-16_openai/dtd/blocklora-") == 3
 
 
 def test_methods_all_means_every_method_entry(tmp_path):
@@ -144,7 +204,8 @@ def test_methods_all_means_every_method_entry(tmp_path):
     config["suites"]["tiny"] = {**config["suites"]["smoke"], "methods": "all", "hparams": {}}
     result = snakemake(tmp_path, "-n", "-q", "rules", config=config)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert job_counts(result.stdout)["profile"] == len(config["methods"])
+    # every entry is profiled; blocklora_n8 has blocklora's hyper-parameters, so they share one profile
+    assert job_counts(result.stdout)["profile"] == len(config["methods"]) - 1
 
 
 def test_lint_passes(tmp_path):

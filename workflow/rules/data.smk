@@ -2,6 +2,8 @@
 
 
 rule download:
+    input:
+        download_inputs,
     output:
         manifest=f"{DATA_ROOT}/{{dataset}}/downloads.json",
     log:
@@ -9,15 +11,14 @@ rule download:
     wildcard_constraints:
         dataset=_regex(DOWNLOADED),
     params:
-        data_root=lambda w, output: os.path.dirname(os.path.dirname(output.manifest)),
-        archives=archives_arg,
+        args=data_args,
     resources:
         mem_mb=2000,
         runtime=480,
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli download {wildcards.dataset} --data-root {params.data_root:q} {params.archives} > {log:q} 2>&1"
+        "python -m blocklora.cli download {wildcards.dataset} {params.args} > {log:q} 2>&1"
 
 
 rule prepare:
@@ -30,15 +31,14 @@ rule prepare:
     wildcard_constraints:
         dataset=_regex(DOWNLOADED),
     params:
-        data_root=lambda w, output: os.path.dirname(os.path.dirname(output.split)),
-        archives=archives_arg,
+        args=data_args,
     resources:
         mem_mb=8000,
         runtime=240,
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli prepare {wildcards.dataset} --data-root {params.data_root:q} {params.archives} --offline > {log:q} 2>&1"
+        "python -m blocklora.cli prepare {wildcards.dataset} {params.args} --offline > {log:q} 2>&1"
 
 
 rule demo_data:
@@ -75,7 +75,7 @@ rule pretrain_demo:
     input:
         corpus=DEMO_CORPUS,
     output:
-        checkpoint=DEMO_CHECKPOINT,
+        checkpoint=DEMO_BACKBONE,
         stats=f"{RESULTS}/demo/pretrain_stats.json",
     log:
         f"{RESULTS}/logs/demo/pretrain.log",
@@ -105,3 +105,19 @@ rule fewshot:
         "../../envs/blocklora.yaml"
     shell:
         "python -m blocklora.cli fewshot {input.split:q} --shots {wildcards.shots} --seed {wildcards.seed} --out {output:q} > {log:q} 2>&1"
+
+
+rule fixtures:
+    """The rehearsal's data: every real dataset in miniature (real class counts, class names and
+    archive layouts, a few tiny images per class) as archives, with their checksums in sources.json."""
+    output:
+        f"{RESULTS}/{FIXTURES}/sources.json",
+    log:
+        f"{RESULTS}/logs/fixtures.log",
+    params:
+        datasets=lambda w: shlex.join(d for d in PLAN.datasets_used() if d in DOWNLOADED),
+        out=lambda w, output: os.path.dirname(output[0]),
+    conda:
+        "../../envs/blocklora.yaml"
+    shell:
+        "python -m blocklora.cli fixtures {params.datasets} --out {params.out:q} > {log:q} 2>&1"

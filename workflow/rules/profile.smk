@@ -1,18 +1,18 @@
-"""Efficiency of each (suite, method): trainable parameters, FLOPs, step time, memory, latency."""
+"""Efficiency of each method on a backbone: trainable parameters, FLOPs, step time, memory, latency.
+One profile per (backbone, method with its hyper-parameters, class count), whatever suites ask for it."""
 
 
 rule profile:
     input:
         profile_inputs,
     output:
-        f"{RESULTS}/profile/{{suite}}/{{method}}.json",
+        f"{RESULTS}/profile/{{setup}}/{{method}}/classes{{classes}}.json",
     log:
-        f"{RESULTS}/logs/profile/{{suite}}/{{method}}.log",
+        f"{RESULTS}/logs/profile/{{setup}}/{{method}}/classes{{classes}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/profile/{{suite}}/{{method}}.tsv"
+        f"{RESULTS}/benchmarks/profile/{{setup}}/{{method}}/classes{{classes}}.tsv"
     params:
-        method=method_args,
-        classes=lambda w: config["suites"][w.suite]["profile_classes"],
+        args=profile_args,
     threads: resource("profile", "threads", 1)
     resources:
         gpu=resource("profile", "gpu", 1),
@@ -21,4 +21,10 @@ rule profile:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli profile {params.method} --classes {params.classes} --threads {threads} --out {output:q} > {log:q} 2>&1"
+        "python -m blocklora.cli profile {params.args} --threads {threads} --out {output:q} > {log:q} 2>&1"
+
+
+rule profiles:
+    """Only the profiles of the chosen suites: the step times `blocklora plan` estimates device-hours from."""
+    input:
+        sorted(f"{RESULTS}/{path}" for path in PROFILES),

@@ -58,9 +58,9 @@ rule report:
     log:
         f"{RESULTS}/logs/report/{{suite}}.log",
     params:
-        out_dir=lambda w: report_dir(w.suite),
+        out_dir=lambda w: PLAN.report_dir(w.suite),
         args=report_args,
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli report --suite {wildcards.suite} --records {input.records:q} --profiles {input.profiles:q} {params.args} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python -m blocklora.cli report --suite {wildcards.suite} {params.args} --out-dir {params.out_dir:q} > {log:q} 2>&1"

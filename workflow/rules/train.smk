@@ -1,21 +1,20 @@
-"""Train jobs (one (suite, dataset, method, shots, seed): train, evaluate, write the run record) and
-transfer jobs (a trained run tested on another dataset)."""
+"""Train jobs (one run: a method on a dataset's few-shot subset, trained, evaluated, recorded) and
+transfer jobs (a trained run tested on another dataset's test split). Paths are keyed by what a run
+is (blocklora.plan): runs/<backbone>_<weights>/<dataset>/<method>-<hash>/<cell>/."""
 
 
 rule train:
     input:
         unpack(train_inputs),
     output:
-        record=f"{RESULTS}/runs/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}/record.json",
-        state=f"{RESULTS}/runs/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}/state.safetensors",
+        record=f"{RESULTS}/runs/{{setup}}/{{dataset}}/{{method}}/{{cell}}/record.json",
+        state=f"{RESULTS}/runs/{{setup}}/{{dataset}}/{{method}}/{{cell}}/state.safetensors",
     log:
-        f"{RESULTS}/logs/train/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}.log",
+        f"{RESULTS}/logs/train/{{setup}}/{{dataset}}/{{method}}/{{cell}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{suite}}/{{dataset}}/{{method}}/shots{{shots}}_seed{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/train/{{setup}}/{{dataset}}/{{method}}/{{cell}}.tsv"
     params:
-        method=method_args,
-        image_root=lambda w: image_root(w.dataset),
-        cache_dir=f"{RESULTS}/cache",
+        args=train_args,
     threads: resource("train", "threads", 1)
     resources:
         gpu=resource("train", "gpu", 1),
@@ -24,22 +23,20 @@ rule train:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli train {params.method} --suite {wildcards.suite} --dataset {wildcards.dataset} --fewshot {input.fewshot:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --record {output.record:q} --state {output.state:q} --cache-dir {params.cache_dir:q} --threads {threads} --no-progress > {log:q} 2>&1"
+        "python -m blocklora.cli train {params.args} --record {output.record:q} --state {output.state:q} --threads {threads} --no-progress > {log:q} 2>&1"
 
 
 rule transfer:
     input:
         unpack(transfer_inputs),
     output:
-        record=f"{RESULTS}/runs/{{suite}}/{{target}}/{{method}}/shots{{shots}}_seed{{seed}}_from_{{source}}/record.json",
+        record=f"{RESULTS}/runs/{{setup}}/{{target}}/{{method}}/{{cell}}_from_{{source}}/record.json",
     log:
-        f"{RESULTS}/logs/transfer/{{suite}}/{{target}}/{{method}}/shots{{shots}}_seed{{seed}}_from_{{source}}.log",
+        f"{RESULTS}/logs/transfer/{{setup}}/{{target}}/{{method}}/{{cell}}_from_{{source}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/transfer/{{suite}}/{{target}}/{{method}}/shots{{shots}}_seed{{seed}}_from_{{source}}.tsv"
+        f"{RESULTS}/benchmarks/transfer/{{setup}}/{{target}}/{{method}}/{{cell}}_from_{{source}}.tsv"
     params:
-        method=method_args,
-        image_root=lambda w: image_root(w.target),
-        cache_dir=f"{RESULTS}/cache",
+        args=transfer_args,
     threads: resource("train", "threads", 1)
     resources:
         gpu=resource("train", "gpu", 1),
@@ -48,4 +45,4 @@ rule transfer:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli transfer {params.method} --suite {wildcards.suite} --source {wildcards.source} --source-fewshot {input.source_fewshot:q} --state {input.state:q} --dataset {wildcards.target} --split {input.split:q} --image-root {params.image_root:q} --shots {wildcards.shots} --seed {wildcards.seed} --record {output.record:q} --cache-dir {params.cache_dir:q} --threads {threads} --no-progress > {log:q} 2>&1"
+        "python -m blocklora.cli transfer {params.args} --record {output.record:q} --threads {threads} --no-progress > {log:q} 2>&1"

@@ -1,0 +1,137 @@
+"""The plan: typed config, checks that stop before any job, runs keyed by what they are."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blocklora import hparams
+from blocklora.catalog import build_catalog, load_catalog
+from blocklora.plan import ConfigError, Plan, coerce_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+def config(**changes) -> dict:
+    cfg = copy.deepcopy(CONFIG)
+    cfg.update(changes)
+    return cfg
+
+
+def test_the_shipped_catalog_is_the_registry():
+    assert load_catalog() == build_catalog(), "stale: run `blocklora methods --write-catalog` and commit it"
+
+
+def test_text_from_the_command_line_gets_the_schemas_types():
+    cfg = config()
+    cfg["suites"]["paper"].update(shots=["4", "16"], seeds=["1"], profile_classes="100")
+    cfg["without"] = ["imagenet"]
+    cfg["rehearse"] = "false"
+    coerce_config(cfg, SCHEMA)
+    assert cfg["suites"]["paper"]["shots"] == [4, 16] and cfg["suites"]["paper"]["seeds"] == [1]
+    assert cfg["suites"]["paper"]["profile_classes"] == 100 and cfg["rehearse"] is False
+    assert cfg["suite"] == "paper" and cfg["without"] == ["imagenet"]  # strings stay strings
+
+
+def test_hyper_parameters_arriving_as_text_are_typed_by_the_methods_defaults():
+    cfg = config()
+    cfg["suites"]["paper"]["hparams"] = {
+        "lora": {"lr": "0.001", "rank": "4", "iterations": "null", "crop_scale": "[0.5, 1.0]"},
+        "coop": {"compile": "reduce-overhead", "iterations": "12"},
+    }
+    plan = Plan(cfg)
+    lora = dict(plan.method_setup("paper", "lora").overrides)
+    assert lora["lr"] == 0.001 and lora["rank"] == 4 and lora["iterations"] is None
+    assert lora["crop_scale"] == (0.5, 1.0)
+    coop = dict(plan.method_setup("paper", "coop").overrides)
+    assert coop == {"compile": "reduce-overhead", "iterations": 12}
+
+
+@pytest.mark.parametrize(
+    ("entry", "overrides", "message"),
+    [
+        ("lora", {"rnak": 4}, r"unknown hyper-parameter\(s\) \['rnak'\] for method 'lora'"),
+        ("lora", {"lr": "fast"}, r"hyper-parameter 'lr' of method 'lora': expected float, got 'fast'"),
+        ("linear_probe", {"C": [1]}, r"hyper-parameter 'C' of method 'linear_probe': expected float or null"),
+        ("coop", {"epochs": 1.5}, r"'epochs' of method 'coop': expected int or null, got 1.5"),
+    ],
+)
+def test_a_wrong_hyper_parameter_is_an_error_naming_suite_entry_and_key(entry, overrides, message):
+    cfg = config()
+    cfg["suites"]["paper"]["hparams"] = {entry: overrides}
+    with pytest.raises(ConfigError, match=message) as err:
+        Plan(cfg)
+    assert f"suite 'paper', method entry '{entry}'" in str(err.value)
+
+
+def test_a_method_tied_to_its_classes_cannot_be_a_cross_dataset_transfer():
+    cfg = config(suite="cross_dataset")
+    cfg["suites"]["cross_dataset"]["methods"].append("linear_probe")
+    with pytest.raises(ConfigError, match=r"'linear_probe' learns parameters tied to imagenet's classes"):
+        Plan(cfg)
+    Plan(config(suite="domain_generalization"))  # ImageNet's variants share its classes: fine
+
+
+def test_runs_are_keyed_by_what_they_are_and_shared_between_suites():
+    plan = Plan(config(suite=["paper", "ablation"]))
+    paper = {
+        label: run for label, run in plan.suites["paper"].runs if run.dataset == "dtd" and run.shots == 16
+    }
+    ablation = {label: run for label, run in plan.suites["ablation"].runs if run.dataset == "dtd"}
+    assert paper["blocklora"] == ablation["blocklora_n8"]  # same resolved hyper-parameters
+    assert paper["lora"].folder == ablation["lora"].folder
+    assert ablation["lora_r4"].folder != ablation["lora"].folder
+    assert paper["lora"].folder.startswith("runs/ViT-B-16_openai/dtd/lora-")
+    assert paper["lora"].folder.endswith("/shots16_seed1") or paper["lora"].seed != 1
+    zeroshot = [run for label, run in plan.suites["paper"].runs if label == "zeroshot"]
+    assert len(zeroshot) == len(CONFIG["suites"]["paper"]["datasets"]) and zeroshot[0].cell == "any_shots"
+
+
+def test_without_leaves_datasets_out_and_the_report_is_told():
+    plan = Plan(config(without=["imagenet", "sun397"]))
+    paper = plan.suites["paper"]
+    assert "imagenet" not in paper.datasets and paper.left_out == ["imagenet", "sun397"]
+    args = plan.report_args("paper")
+    assert args[args.index("--left-out") + 1 :] == ["imagenet", "sun397"]
+    with pytest.raises(ConfigError, match=r"suite 'cross_dataset' trains only on imagenet"):
+        Plan(config(suite="cross_dataset", without=["imagenet"]))
+    with pytest.raises(ConfigError, match=r"`without:` names unknown dataset 'imagnet'"):
+        Plan(config(without=["imagnet"]))
+
+
+def test_a_transfer_suite_averages_over_its_targets():
+    args = Plan(config(suite="domain_generalization")).report_args("domain_generalization")
+    assert args[args.index("--average-over") + 1 :][:4] == [
+        "imagenet_v2",
+        "imagenet_sketch",
+        "imagenet_a",
+        "imagenet_r",
+    ]
+
+
+def test_the_rehearsal_overlays_the_real_suites():
+    plan = Plan(config(rehearse=True))
+    assert plan.chosen == CONFIG["rehearsal"]["suites"] and plan.results == "results/rehearsal"
+    assert plan.archives_dir == "results/rehearsal/fixtures"
+    for name in plan.chosen:
+        suite = plan.suites[name]
+        assert suite.shots == [1] and suite.seeds == [1]
+        assert {run.setup.backbone for _, run in suite.runs} == {"demo-tiny"}
+        lora = dict(next(run for label, run in suite.runs if label == "lora").method.overrides)
+        assert lora["iterations"] == 2
+    # the real suites' names, datasets, methods and transfers are all kept
+    assert plan.suites["paper"].datasets == CONFIG["suites"]["paper"]["datasets"]
+    assert len(plan.suites["domain_generalization"].transfers) == 8 * 4
+
+
+def test_coerce_reads_each_spec():
+    assert hparams.coerce("4", "int") == 4 and hparams.coerce("true", "bool") is True
+    assert hparams.coerce("null", "int|null") is None and hparams.coerce("x", "bool|str") == "x"
+    assert hparams.coerce(["0.5", "1"], "list") == [0.5, 1] and hparams.coerce(3, "float") == 3
+    with pytest.raises(ValueError, match="expected int"):
+        hparams.coerce(True, "int")
