@@ -37,6 +37,13 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("blocklora")
+        except PackageNotFoundError:
+            return "unknown (not installed: pip install -e .)"
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'blocklora' has no attribute {name!r}")

@@ -284,8 +284,11 @@ def _set_threads(threads: int | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import blocklora
+
     parser = argparse.ArgumentParser(prog="blocklora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"blocklora {blocklora.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list the registered methods")

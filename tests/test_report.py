@@ -320,3 +320,17 @@ def test_training_hours_are_estimated_from_profiled_step_times():
     assert pd.isna(hours.loc["zeroshot", "estimated_gpu_hours"])
     lines = report.training_hours_lines(hours.reset_index(), profiles)
     assert "0.03 device-hours" in lines[1] and "H100" in lines[1] and "1 of 2 methods" in lines[1]
+
+
+def test_report_files_get_the_users_umask_permissions(tmp_path):
+    """Collaborators sharing a results folder can read every file (not mkstemp's 0600)."""
+    import os
+
+    paths = write_records(tmp_path / "results")
+    previous = os.umask(0o022)
+    try:
+        report.build_report(paths, [], tmp_path / "out")
+    finally:
+        os.umask(previous)
+    for name in report.REPORT_FILES:
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name

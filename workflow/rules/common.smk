@@ -25,6 +25,7 @@ if REPO not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+os.environ["BLOCKLORA_REPO"] = REPO  # for envs/blocklora.post-deploy.sh, which installs blocklora itself
 
 
 envvars:
