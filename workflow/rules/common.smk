@@ -30,6 +30,7 @@ os.environ["BLOCKLORA_REPO"] = REPO  # for envs/blocklora.post-deploy.sh, which 
 
 envvars:
     "PYTHONPATH",
+    "BLOCKLORA_REPO",
 
 
 from blocklora.plan import DEMO_CHECKPOINT, FIXTURES, ConfigError, Plan, coerce_config
