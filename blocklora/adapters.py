@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 SCALINGS = ("sqrt", "linear")
+# How A (for Block-LoRA the shared A_s) is drawn; B starts at zero either way.
+#   kaiming: kaiming_uniform(a=sqrt(5)) on A's own shape (rank x in/blocks), as nn.Linear and LoRA do.
+#   matched: the same, scaled by 1/sqrt(blocks), so that A·x has LoRA's spread at initialization (the
+#            sum of n chunks has about sqrt(n) times one chunk's spread). Identical to kaiming for n = 1.
+INITS = ("kaiming", "matched")
 
 
 def lora_scaling(rank: int, alpha: float, scaling: str) -> float:
@@ -51,12 +56,15 @@ class LowRankAdapter(nn.Module):
         dropout: float = 0.0,
         blocks: int = 1,
         scaling: str = "sqrt",
+        init: str = "kaiming",
         name: str = "",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         label = name or "adapter"
+        if init not in INITS:
+            raise ValueError(f"{label}: unknown init {init!r}: use one of {INITS}")
         if rank < 1:
             raise ValueError(f"{label}: rank must be >= 1, got {rank}")
         if blocks < 1 or in_features % blocks:
@@ -74,16 +82,20 @@ class LowRankAdapter(nn.Module):
         self.blocks = blocks
         self.scaling_kind = scaling
         self.scaling = lora_scaling(rank, alpha, scaling)
+        self.init = init
         self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(rank, in_features // blocks, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "matched":
+            with torch.no_grad():
+                self.lora_A.div_(math.sqrt(blocks))
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, blocks={self.blocks}, "
-            f"alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout_p}"
+            f"alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout_p}, init={self.init}"
         )
 
     def down(self, x: torch.Tensor) -> torch.Tensor:

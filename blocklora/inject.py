@@ -29,9 +29,9 @@ ADAPTER_FORMAT = "blocklora-adapters/2"
 class AdaptedAttention(nn.Module):
     """``nn.MultiheadAttention`` (self- or cross-attention) with low-rank adapters on q, k, v, o.
 
-    With ``fuse=True`` and self-attention, the frozen q, k, v come from one matmul and the
-    adapters of q, k and v share one dropout mask, one chunk sum and one down-projection matmul
-    (their ``A`` matrices stacked), then one block-diagonal up-projection.
+    With ``fuse=True`` and self-attention, the frozen q, k, v come from one matmul, the adapters of
+    q, k and v from one (batched) down-projection matmul and one block-diagonal up-projection; each
+    adapter still draws its own dropout mask.
     """
 
     def __init__(self, mha: nn.MultiheadAttention, adapters: dict[str, LowRankAdapter], *, fuse: bool = True):
@@ -83,13 +83,22 @@ class AdaptedAttention(nn.Module):
         )
 
     def _project_qkv_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """One matmul for the frozen q, k, v; one for the down-projections; one for the up ones."""
+        """One matmul for the frozen q, k, v; one for the down-projections; one for the up ones.
+
+        Each target draws its own dropout mask, as separate projections do (CLIP-LoRA gives each its
+        own ``nn.Dropout``); the three chunk-summed inputs then go through one batched matmul. Without
+        dropout (eval mode, or p = 0) they are one and the same input, summed once.
+        """
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        present = [t for t in "qkv" if t in self.adapters]
-        first = self.adapters[present[0]]
-        z = chunk_sum(first.dropout(x), first.blocks)
-        a = torch.cat([self.adapters[t].lora_A for t in present]).to(x.dtype)
-        z = F.linear(z, a)
+        present = [self.adapters[t] for t in "qkv" if t in self.adapters]
+        first = present[0]
+        if self.training and first.dropout_p > 0:
+            z = torch.stack([chunk_sum(a.dropout(x), a.blocks) for a in present])  # (T, ..., d/n)
+            a = torch.stack([a.lora_A for a in present]).to(x.dtype)  # (T, r, d/n)
+            z = (z.flatten(1, -2) @ a.transpose(1, 2)).movedim(0, -2)  # (B·L, T, r)
+            z = z.reshape(*x.shape[:-1], -1)  # targets side by side: (..., T·r)
+        else:
+            z = F.linear(chunk_sum(x, first.blocks), torch.cat([a.lora_A for a in present]).to(x.dtype))
         up = [
             self.adapters[t].lora_B * self.adapters[t].scaling
             if t in self.adapters
@@ -219,6 +228,7 @@ def apply_adapters(
     layers: str | Iterable[int] = "all",
     scaling: str = "sqrt",
     fuse: bool = True,
+    init: str = "kaiming",
 ) -> nn.Module:
     """Freeze ``model`` and add adapters of ``kind`` ("lora" or "blocklora") in place; returns it.
 
@@ -251,6 +261,7 @@ def apply_adapters(
                     dropout=dropout,
                     blocks=blocks,
                     scaling=scaling,
+                    init=init,
                     name=f"{encoder}.layer{i}.attn.{t} (width {d})",
                     dtype=w.dtype,
                     device=w.device,
@@ -268,6 +279,8 @@ def apply_adapters(
         "targets": list(targets),
         "encoders": list(encoders),
         "layers": layers if layers == "all" else sorted({int(i) for i in layers}),
+        "fuse": fuse,
+        "init": init,
     }
     return model
 
@@ -361,13 +374,22 @@ def save_adapters(model: nn.Module, path: str | Path, **extra: Any) -> None:
     write_tensors(path, adapter_state(model), metadata)
 
 
-def check_compatible(saved: dict[str, Any], model: nn.Module, path: str | Path) -> None:
-    """Refuse an adapter file made for another backbone or adapter configuration."""
+# What an adapter file's tensors mean: the same values must hold for the model they are loaded into.
+# (dropout, fuse and init shape training only.)
+STRUCTURE_KEYS = ("kind", "rank", "alpha", "blocks", "scaling", "targets", "encoders", "layers")
+
+
+def _check_format(saved: dict[str, Any], path: str | Path) -> None:
     if saved.get("format") != ADAPTER_FORMAT:
         raise ValueError(
             f"{path} is not an adapter file of this blocklora (format {saved.get('format')!r}, expected "
             f"{ADAPTER_FORMAT!r}); retrain it with this version"
         )
+
+
+def check_compatible(saved: dict[str, Any], model: nn.Module, path: str | Path) -> None:
+    """Refuse an adapter file made for another backbone or adapter configuration."""
+    _check_format(saved, path)
     mine, theirs = backbone_identity(model), saved.get("backbone", {})
     for key in ("name", "pretrained"):
         if mine.get(key) and theirs.get(key) and mine[key] != theirs[key]:
@@ -376,7 +398,11 @@ def check_compatible(saved: dict[str, Any], model: nn.Module, path: str | Path) 
                 f"but this model is {mine.get('name')} / {mine.get('pretrained')}: load it onto that backbone"
             )
     config, their_config = adapter_config(model), saved.get("config", {})
-    differing = {k: (their_config.get(k), v) for k, v in config.items() if their_config.get(k) != v}
+    differing = {
+        k: (their_config.get(k), config.get(k))
+        for k in STRUCTURE_KEYS
+        if their_config.get(k) != config.get(k)
+    }
     if differing:
         detail = ", ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in differing.items())
         raise ValueError(
@@ -385,12 +411,18 @@ def check_compatible(saved: dict[str, Any], model: nn.Module, path: str | Path) 
 
 
 def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Load adapter tensors into a model adapted with the same configuration; returns the metadata.
+    """Load an adapter file into ``model``; returns the file's metadata.
 
-    Works on merged models too (it unmerges, swaps, merges again), so one loaded backbone can
-    switch between tasks without reloading its base weights.
+    A backbone without adapters gets them first, built from the file's own configuration (kind,
+    rank, blocks, alpha, scaling, targets, encoders, layers, dropout, fuse, init), so a fresh
+    ``load_backbone(...)`` reproduces the trained model. A model that has adapters must have the
+    file's (a named error otherwise); a merged one is unmerged, swapped and merged again, so one
+    loaded backbone can switch between tasks without reloading its base weights.
     """
     tensors, meta = read_tensors(path)
+    if getattr(model, "blocklora_config", None) is None:
+        _check_format(meta, path)
+        _adapt_as_saved(model, meta, path)
     check_compatible(meta, model, path)
     state = adapter_state(model)
     missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
@@ -415,3 +447,21 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
             for attn in attentions:
                 attn.merge()
     return meta
+
+
+def _adapt_as_saved(model: nn.Module, meta: dict[str, Any], path: str | Path) -> None:
+    """Put into a bare backbone the adapters an adapter file was saved from."""
+    mine, theirs = backbone_identity(model), meta.get("backbone", {})
+    if mine.get("name") and theirs.get("name") and mine["name"] != theirs["name"]:
+        raise ValueError(
+            f"{path} was trained on backbone {theirs.get('name')} / {theirs.get('pretrained')}, "
+            f"but this model is {mine.get('name')} / {mine.get('pretrained')}: load it onto that backbone"
+        )
+    config = dict(meta.get("config") or {})
+    kind = config.pop("kind", None)
+    if kind is None:
+        raise ValueError(f"{path} does not say which adapters it holds (no config.kind)")
+    try:
+        apply_adapters(model, kind, **config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path} holds adapters this backbone cannot take: {exc}") from None

@@ -109,3 +109,20 @@ def test_parameter_count_formula():
         == adapter_parameter_count(768, 768, 2, 8)
         == 2 * (96 + 768)
     )
+
+
+def test_matched_init_gives_a_x_the_spread_of_loras_and_kaiming_sqrt_n_times_it():
+    torch.manual_seed(0)
+    x = torch.randn(20_000, 768)
+
+    def spread(blocks: int, init: str) -> float:
+        return LowRankAdapter(768, 768, rank=2, blocks=blocks, init=init).down(x).std().item()
+
+    lora = sum(spread(1, "kaiming") for _ in range(20)) / 20
+    kaiming = sum(spread(8, "kaiming") for _ in range(20)) / 20
+    matched = sum(spread(8, "matched") for _ in range(20)) / 20
+    assert kaiming / lora == pytest.approx(8**0.5, rel=0.15)
+    assert matched / lora == pytest.approx(1.0, rel=0.15)
+    assert spread(1, "matched") == pytest.approx(spread(1, "kaiming"), rel=0.3)  # one block: the same law
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        LowRankAdapter(8, 8, init="xavier")

@@ -114,3 +114,58 @@ def test_vit_b16_trainable_parameter_counts(method, expected):
     backbone = load_backbone("ViT-B-16", None)
     apply_adapters(backbone.model, method, rank=2, blocks=8)
     assert count_trainable(backbone.model) == expected
+
+
+def _attention(dropout: float, *, fuse: bool = True, same: bool = False) -> AdaptedAttention:
+    """Self-attention of width 32 with q, k, v adapters (n = 4), B non-zero; ``same``: identical adapters."""
+    from blocklora.adapters import LowRankAdapter
+
+    torch.manual_seed(0)
+    adapters = {t: LowRankAdapter(32, 32, rank=2, blocks=4, dropout=dropout) for t in "qkv"}
+    for adapter in adapters.values():
+        adapter.lora_B.data.normal_(0, 0.5)
+        if same:
+            adapter.lora_A.data.copy_(adapters["q"].lora_A.data)
+            adapter.lora_B.data.copy_(adapters["q"].lora_B.data)
+    return AdaptedAttention(nn.MultiheadAttention(32, 4, batch_first=True), adapters, fuse=fuse)
+
+
+def _deltas(attention: AdaptedAttention, x: torch.Tensor) -> torch.Tensor:
+    """The adapters' part of q, k, v: (3, ..., width)."""
+    frozen = torch.nn.functional.linear(x, attention.in_proj_weight, attention.in_proj_bias)
+    if attention.fuse:
+        adapted = attention._project_qkv_fused(x)
+    else:
+        adapted = torch.cat([attention._project(x, t) for t in "qkv"], dim=-1)
+    return torch.stack((adapted - frozen).chunk(3, dim=-1))
+
+
+X = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_adapter_dropout_makes_two_training_passes_differ(fuse):
+    attention = _attention(0.25, fuse=fuse).train()
+    assert not torch.allclose(_deltas(attention, X), _deltas(attention, X))
+    attention.eval()
+    torch.testing.assert_close(_deltas(attention, X), _deltas(attention, X))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_q_k_and_v_each_draw_their_own_dropout_mask(fuse):
+    q, k, v = _deltas(_attention(0.25, fuse=fuse, same=True).train(), X)  # identical adapters
+    assert not torch.allclose(q, k) and not torch.allclose(k, v) and not torch.allclose(q, v)
+
+
+def test_fused_and_unfused_agree_exactly_without_dropout_and_in_expectation_with_it():
+    for mode in ("train", "eval"):
+        fused, unfused = _attention(0.0), _attention(0.0, fuse=False)
+        fused.train(mode == "train")
+        unfused.train(mode == "train")
+        torch.testing.assert_close(_deltas(fused, X), _deltas(unfused, X), rtol=1e-5, atol=1e-6)
+    expected = _deltas(_attention(0.25).eval(), X)
+    with torch.no_grad():
+        for fuse in (True, False):
+            attention = _attention(0.25, fuse=fuse).train()
+            mean = torch.stack([_deltas(attention, X) for _ in range(4000)]).mean(0)
+            assert (mean - expected).abs().max() < 0.05 * expected.abs().max(), fuse

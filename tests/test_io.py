@@ -85,3 +85,36 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path):
         raise RuntimeError("disk full")
     assert json.loads(path.read_text()) == {"accuracy": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_adapters_load_onto_a_fresh_backbone_and_reproduce_the_trained_logits(
+    tiny_config, tiny_checkpoint, tmp_path
+):
+    trained = _adapted(tiny_config, tiny_checkpoint, targets=("q", "v", "o"), layers=[1], init="matched")
+    _train_like(trained, 5)
+    path = tmp_path / "task.safetensors"
+    save_adapters(trained.model, path)
+    expected = _logits(trained)
+    fresh = load_backbone(tiny_config, str(tiny_checkpoint))  # no adapters yet: built from the file
+    meta = load_adapters(fresh.model, path)
+    assert meta["config"]["blocks"] == 4 and meta["config"]["init"] == "matched"
+    assert sum(len(attn.adapters) for _, _, attn in adapted_attentions(fresh.model)) == 2 * 3
+    torch.testing.assert_close(_logits(fresh), expected, rtol=1e-5, atol=1e-6)
+    merge_adapters(fresh.model)
+    torch.testing.assert_close(_logits(fresh), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_an_adapter_file_for_another_backbone_is_refused_by_a_fresh_one(
+    tiny_config, tiny_checkpoint, tmp_path
+):
+    path = tmp_path / "a.safetensors"
+    save_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)
+    with pytest.raises(ValueError, match=f"trained on backbone {tiny_config}"):
+        load_adapters(load_backbone("ViT-B-16", None).model, path)
+    tensors, meta = read_tensors(path)
+    meta["config"]["blocks"] = 5  # a shape this backbone's widths cannot take
+    from blocklora.io import write_tensors
+
+    write_tensors(path, tensors, meta)
+    with pytest.raises(ValueError, match=r"cannot take: .*blocks=5 does not divide"):
+        load_adapters(load_backbone(tiny_config, str(tiny_checkpoint)).model, path)

@@ -12,7 +12,7 @@ from blocklora.inject import adapted_attentions, apply_adapters, load_adapters, 
 from blocklora.methods.base import Method
 from blocklora.methods.registry import register_method
 
-ADAPTER_KEYS = ("rank", "alpha", "dropout", "scaling", "targets", "encoders", "layers", "fuse")
+ADAPTER_KEYS = ("rank", "alpha", "dropout", "scaling", "targets", "encoders", "layers", "fuse", "init")
 
 
 @register_method
@@ -29,6 +29,7 @@ class LoRA(Method):
         "encoders": ["vision", "text"],
         "layers": "all",
         "fuse": True,
+        "init": "kaiming",
         "template": "a photo of a {}.",
     }
     hparam_types: ClassVar[dict[str, str]] = {"layers": "str|list"}

@@ -176,10 +176,10 @@ def test_a_run_several_suites_ask_for_is_planned_once(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     runs = planned_runs(output)
-    # paper: 1166 runs; ablation adds its 9 entries the paper lacks (not lora, and blocklora_n8 is
+    # paper: 1166 runs; ablation adds its 10 entries the paper lacks (not lora, and blocklora_n8 is
     # blocklora), 11 datasets x 16 shots x 3 seeds each; cross_dataset and domain_generalization train
     # only what the paper trains already (ImageNet, 16 shots)
-    assert job_counts(output)["train"] == len(runs) == 1166 + 9 * 11 * 3
+    assert job_counts(output)["train"] == len(runs) == 1166 + 10 * 11 * 3
     paper_lora = '--method lora --hparams \'{"alpha": 1.0, "dropout": 0.25, "rank": 2}\''
     imagenet_lora = [
         line
@@ -190,10 +190,10 @@ def test_a_run_several_suites_ask_for_is_planned_once(tmp_path):
     assert len(imagenet_lora) == 1  # asked for by all four suites
     # blocklora_n8 is blocklora with the same hyper-parameters: one run, one profile
     blocklora_16 = [r for r in runs if r[1] == "dtd" and r[2] == "blocklora" and r[3:] == (16, 1)]
-    # n = 8 (the paper's blocklora), n in 1, 2, 4, 16 and r in 1, 4, 8
-    assert len(blocklora_16) == 1 + 7
+    # n = 8 (the paper's blocklora), n in 1, 2, 4, 16, r in 1, 4, 8 and the matched initialization
+    assert len(blocklora_16) == 1 + 8
     counts = job_counts(output)
-    assert counts["report"] == 4 and counts["profile"] == 17
+    assert counts["report"] == 4 and counts["profile"] == 18
     # each report still gathers all of its runs, under its own labels
     assert output.count("blocklora_n8=results/runs/ViT-B-16_openai/dtd/blocklora-") == 3
 
