@@ -10,7 +10,7 @@ encoder + the same-shaped text classifier), timed interleaved on one batch.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (one multiply-add = 2 FLOPs)
 with the ``nn.MultiheadAttention`` fast path off and the math SDPA backend, without which the
-attention matmuls are not counted (PROTOCOL.md §7). Methods without a step of the generic loop
+attention matmuls are not counted (docs/protocol.md §10). Methods without a step of the generic loop
 (no ``train_logits``: ``zeroshot``, ``clip_adapter``, which trains on cached features) get ``None``
 for FLOPs, step time and training peak memory.
 """

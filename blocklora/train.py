@@ -1,4 +1,4 @@
-"""One generic training loop (PROTOCOL.md §2): iterations, AdamW or SGD, cosine, AMP, NaN guard."""
+"""One generic training loop (docs/protocol.md §2): iterations, AdamW or SGD, cosine, AMP, NaN guard."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Few-shot subsets exactly as Dassl's ``generate_fewshot_dataset`` draws them under CoOp (PROTOCOL.md §3.2).
+"""Few-shot subsets exactly as Dassl's ``generate_fewshot_dataset`` draws them under CoOp (docs/protocol.md §4).
 
 ``random.seed(seed)`` before anything draws; the train entries grouped by label in order of first
 appearance; ``random.sample(items, shots)`` per label (all items when fewer, never a repeat); then the

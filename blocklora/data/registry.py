@@ -1,8 +1,9 @@
 """The datasets the benchmark knows: where they come from, how they are laid out, how they are split.
 
-Every fact here (URLs, checksums, Google Drive ids, counts) comes from PROTOCOL.md §3, §4 and §6.
-A prepared dataset lives in ``<data_root>/<name>/``: the archives are extracted there, the images sit
-under ``<data_root>/<name>/<image_dir>/`` and ``split.json`` (CoOp format) is written last.
+Every fact here (URLs, checksums, Google Drive ids, counts) is documented in docs/protocol.md: §3
+(datasets), §5 (prompt templates) and §7 (the transfer sets). A prepared dataset lives in
+``<data_root>/<name>/``: the archives are extracted there, the images sit under
+``<data_root>/<name>/<image_dir>/`` and ``split.json`` (CoOp format) is written last.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class DatasetSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Class-name cleanup (PROTOCOL.md §3.1), applied to raw folder names when we generate a split.
+# Class-name cleanup (docs/protocol.md §3), applied to raw folder names when we generate a split.
 
 CALTECH101_IGNORED = ("BACKGROUND_Google", "Faces_easy")
 CALTECH101_RENAMES = {
@@ -311,7 +312,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         min_images=101_000,
         manual="Get food-101.tar.gz (5 GB) from http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz and put "
         "it in the archives folder or in <data_root>/food101/.",
-        notes="Split sizes are derived (PROTOCOL.md §3.1), not checked against the split file.",
+        notes="Split sizes are derived (docs/protocol.md §3), not checked against the split file.",
     ),
     DatasetSpec(
         name="fgvc_aircraft",
@@ -339,7 +340,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         manual=f"Get fgvc-aircraft-2013b.tar.gz from {_OX}/fgvc-aircraft/ and put it in the archives folder "
         "or in <data_root>/fgvc_aircraft/.",
         notes="No md5 is published for the archive. Split sizes (3334/3333/3333) are the official ones; "
-        "PROTOCOL.md §3.1 did not check them.",
+        "docs/protocol.md §3 did not check them.",
     ),
     DatasetSpec(
         name="sun397",
@@ -357,7 +358,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         min_images=15_880 + 3_970 + 19_850,
         classname_cleanup="sun397",
         manual=_SUN_MANUAL,
-        notes="Split sizes are derived (PROTOCOL.md §3.1), not checked against the split file.",
+        notes="Split sizes are derived (docs/protocol.md §3), not checked against the split file.",
     ),
     DatasetSpec(
         name="dtd",

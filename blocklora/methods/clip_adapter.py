@@ -2,7 +2,7 @@
 
 The adapter is Linear(dim → dim/4) → ReLU → Linear(dim/4 → dim) → ReLU, no biases (the released
 code's module; dim = 512 for ViT-B/16), blended as f' = 0.2·adapter(f) + 0.8·f; logits are
-100 · norm(f') · Wᵀ with W the normalized text features of the dataset's template (PROTOCOL.md §4).
+100 · norm(f') · Wᵀ with W the normalized text features of the dataset's template (docs/protocol.md §5).
 The released code applies the adapter to the unnormalized feature; an MLP without biases and with
 ReLUs is positively homogeneous, so after the final normalization feeding it the normalized
 feature (what the cache holds) gives identical logits.

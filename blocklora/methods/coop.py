@@ -1,6 +1,6 @@
 """CoOp (Zhou et al., IJCV 2022): learnable prompt context shared by all classes, frozen CLIP.
 
-As the reference ViT-B/16 configs (PROTOCOL.md §5): 16 context vectors of the text width, drawn
+As the reference ViT-B/16 configs (docs/protocol.md §6): 16 context vectors of the text width, drawn
 from N(0, 0.02²), class token at the end ("X X … X classname."); SGD lr 0.002, momentum 0.9,
 weight decay 5e-4, batch 32; cosine schedule after 1 warm-up epoch at a constant 1e-5; 50 epochs
 at 1 shot, 100 at 2 and 4, 200 at 8 and 16, 50 on ImageNet at every shot count; the model after

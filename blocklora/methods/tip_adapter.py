@@ -6,7 +6,7 @@ as the reference code does); values: one-hot labels. For a normalized test featu
 
     logits = 100 · f · Wᵀ + α · exp(−β (1 − f · Kᵀ)) · L
 
-with W the normalized text features of the dataset's template (PROTOCOL.md §4; the reference
+with W the normalized text features of the dataset's template (docs/protocol.md §5; the reference
 ensembles 7 templates on ImageNet, we use the one template everywhere). α and β start from the
 reference's per-dataset values (:data:`DATASET_SETTINGS`: init α, search scales (β, α); init β = 1
 everywhere; datasets not listed, e.g. the synthetic demo ones, take ``default``), then a grid

@@ -14,7 +14,7 @@ from blocklora.methods.registry import register_method
 class ZeroShot(Method):
     name = "zeroshot"
     class_agnostic = True
-    summary = "zero-shot CLIP with the dataset's prompt template (PROTOCOL.md §4)"
+    summary = "zero-shot CLIP with the dataset's prompt template (docs/protocol.md §5)"
     base_defaults = EVAL_DEFAULTS
     needs_fewshot = False
     defaults: ClassVar[dict[str, Any]] = {"template": None}
