@@ -21,7 +21,12 @@ include: "workflow/rules/profile.smk"
 include: "workflow/rules/report.smk"
 
 
+# The reports, and everything they are made of: a run, profile or prepared dataset deleted by hand
+# is made again by the next run of the same command (README, "When something fails").
 rule all:
     input:
         [f"{PLAN.report_dir(suite)}/report.md" for suite in PLAN.chosen],
+        [f"{RESULTS}/{folder}/record.json" for folder in [*RUNS, *TRANSFERS]],
+        [f"{RESULTS}/{path}" for path in PROFILES],
+        [PLAN.split_file(dataset) for dataset in PLAN.datasets_used()],
     default_target: True

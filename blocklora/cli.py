@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,13 +30,19 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from blocklora.methods import get_method, method_names
+    """From the catalog: no torch, so it answers at once (``--write-catalog`` imports the methods)."""
+    from blocklora.catalog import load_catalog, write_catalog
 
-    for name in method_names():
-        cls = get_method(name)
-        print(f"{name:16s} {cls.summary}")
+    if args.write_catalog:
+        print(write_catalog())
+        return 0
+    catalog = load_catalog()
+    width = max(map(len, catalog))
+    print(f"{'method':{width}s}  summary")
+    for name, entry in sorted(catalog.items()):
+        print(f"{name:{width}s}  {entry['summary']}")
         if args.defaults:
-            print(f"{'':16s} defaults: {json.dumps(cls.all_defaults())}")
+            print(f"{'':{width}s}  defaults: {json.dumps(entry['defaults'])}")
     return 0
 
 
@@ -67,13 +74,42 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+SPLIT_SOURCES = {
+    "split_zhou": "CoOp's split file",
+    "fgvc_official": "official variant lists",
+    "imagenet_folders": "ILSVRC class folders",
+    "eval_only": "test only (folders)",
+}
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from blocklora.data.registry import dataset_names, get_dataset
 
+    rows = []
     for name in dataset_names():
         spec = get_dataset(name)
-        kind = "synthetic" if spec.synthetic else spec.split_source
-        print(f"{name:18s} {spec.title:18s} {spec.num_classes:5d} classes  {kind}")
+        manual = [s.filename for s in spec.sources if s.remote is None and s.kind != "split"]
+        how = "generated (demo)" if spec.synthetic else ("manual download" if manual else "downloaded")
+        split = "synthetic" if spec.synthetic else SPLIT_SOURCES[spec.split_source]
+        rows.append((name, spec.title, str(spec.num_classes), split, how))
+    header = ("dataset", "title", "classes", "split", "files")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(
+                cell.rjust(w) if i == 2 else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from blocklora.budget import lines
+    from blocklora.plan import load_config
+
+    plan = load_config(args.configfile, args.config, suites=args.suite)
+    print("\n".join(lines(plan)))
     return 0
 
 
@@ -240,9 +276,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by `train` and `evaluate`: which method, which backbone, where things go."""
-    p.add_argument("--method", required=True)
+def _add_run_arguments(p: argparse.ArgumentParser, methods: str) -> None:
+    """Arguments shared by `train` and `transfer`: which method, which backbone, where things go."""
+    p.add_argument("--method", required=True, help=f"registered method: {methods}")
     p.add_argument("--image-root", required=True, help="folder the split's image paths are relative to")
     p.add_argument(
         "--shots",
@@ -283,95 +319,124 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _method_names() -> str:
+    from blocklora.catalog import load_catalog
+
+    return ", ".join(sorted(load_catalog()))
+
+
+def _dataset_names() -> str:
+    from blocklora.data.registry import builtin_names
+
+    return ", ".join(builtin_names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     import blocklora
 
-    parser = argparse.ArgumentParser(prog="blocklora", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(
+        prog="blocklora",
+        description=__doc__,
+        epilog="`blocklora COMMAND --help` explains a command; README.md explains the pipeline.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors"
+    )
     parser.add_argument("--version", action="version", version=f"blocklora {blocklora.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    methods, datasets = _method_names(), _dataset_names()
 
-    p = sub.add_parser("methods", help="list the registered methods")
+    p = sub.add_parser("methods", help="list the registered methods (and their hyper-parameters)")
     p.add_argument("--defaults", action="store_true", help="also print each method's hyper-parameters")
+    p.add_argument(
+        "--write-catalog",
+        action="store_true",
+        help="regenerate blocklora/methods/catalog.json from the registry (after adding or changing a method)",
+    )
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("datasets", help="list the registered datasets")
+    p = sub.add_parser("datasets", help="list the registered datasets: classes, split, how they are obtained")
     p.set_defaults(func=cmd_datasets)
 
-    p = sub.add_parser("download", help="download (or find) and verify the files of one dataset")
-    p.add_argument("dataset", help="registered dataset name (see `blocklora datasets`)")
-    p.add_argument("--data-root", required=True, help="datasets live in DATA_ROOT/<dataset>/")
-    p.add_argument("--archives-dir", default=None, help="folder of archives you already downloaded")
-    p.add_argument(
-        "--sources", default=None, help="JSON file of other URLs and checksums (a mirror, fixtures)"
+    p = sub.add_parser(
+        "plan", help="what a suite will cost before it runs: jobs, iterations, device-hours, downloads, disk"
     )
+    p.add_argument("--suite", nargs="+", default=None, help="suite(s) to plan (default: config key `suite`)")
+    p.add_argument("--configfile", default="config.yaml", help="the workflow's config (default: config.yaml)")
+    p.add_argument(
+        "--config",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides as snakemake takes them, e.g. without='[imagenet]' rehearse=true",
+    )
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("download", help="download (or find) and verify the files of one dataset")
+    _add_data_arguments(p, datasets)
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("prepare", help="download (or find), verify, extract and split one dataset")
-    p.add_argument("dataset", help="registered dataset name (see `blocklora datasets`)")
-    p.add_argument("--data-root", required=True, help="datasets live in DATA_ROOT/<dataset>/")
-    p.add_argument("--archives-dir", default=None, help="folder of archives you already downloaded")
+    p = sub.add_parser("prepare", help="extract, check and split one dataset (downloading what is missing)")
+    _add_data_arguments(p, datasets)
     p.add_argument("--offline", action="store_true", help="never download: use local archives only")
-    p.add_argument(
-        "--sources", default=None, help="JSON file of other URLs and checksums (a mirror, fixtures)"
-    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser(
         "fixtures", help="write miniatures of the real datasets' archives (for rehearsing the suites offline)"
     )
-    p.add_argument("datasets", nargs="*", help="which (default: all 15 real datasets)")
+    p.add_argument("datasets", nargs="*", help=f"which (default: all of {datasets})")
     p.add_argument("--out", required=True, help="folder for the archives and sources.json (their checksums)")
     p.add_argument("--seed", type=int, default=0, help="seed of the images' pixels")
     p.set_defaults(func=cmd_fixtures)
 
     p = sub.add_parser("demo-data", help="write one synthetic demo dataset (images + split.json)")
-    p.add_argument("dataset", help="a synthetic dataset (see `blocklora datasets`)")
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dataset", help="demo_shapes, demo_colors or demo_combos")
+    p.add_argument("--data-root", required=True, help="the dataset goes to DATA_ROOT/<dataset>/")
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawn images")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("demo-corpus", help="write the demo's captioned pre-training corpus")
     p.add_argument("--out", required=True, help="the corpus file, .../corpus.npz")
-    p.add_argument("--images", type=_positive_int, default=8000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--images", type=_positive_int, default=8000, help="captioned images to draw (default 8000)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawn images and captions")
     p.set_defaults(func=cmd_demo_corpus)
 
     p = sub.add_parser("pretrain-demo", help="pre-train the tiny demo CLIP contrastively on the corpus (CPU)")
     p.add_argument("--corpus", required=True, help="corpus.npz written by `blocklora demo-corpus`")
-    p.add_argument("--backbone", default="demo-tiny", help="model config to pre-train")
+    p.add_argument("--backbone", default="demo-tiny", help="model config to pre-train (default demo-tiny)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
-    p.add_argument("--steps", type=_positive_int, default=1200)
+    p.add_argument("--steps", type=_positive_int, default=1200, help="optimizer steps (default 1200)")
     p.add_argument(
         "--seconds", type=float, default=None, help="stop early after this long (not reproducible)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the batches")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="image-caption pairs per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
+    p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps")
     p.add_argument("--data-root", default=None, help="report zero-shot accuracy on the demo datasets here")
     p.add_argument("--stats", default=None, help="write the pre-training statistics (JSON) here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.set_defaults(func=cmd_pretrain_demo)
 
     p = sub.add_parser("fewshot", help="sample a few-shot subset of a split file (CoOp/Dassl protocol)")
     p.add_argument("split", help="split file: {train, val, test} lists of [path, label, classname]")
-    p.add_argument(
-        "--shots",
-        type=_positive_int,
-        default=None,
-        help="shots per class of the few-shot subset (omit for a method that uses none, e.g. zeroshot)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed of the few-shot subset (omit with --shots)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--shots", type=_positive_int, required=True, help="training images per class")
+    p.add_argument("--seed", type=int, required=True, help="seed of the draw (1, 2, 3 reproduce CoOp's)")
+    p.add_argument("--out", required=True, help="the few-shot file to write (JSON)")
     p.set_defaults(func=cmd_fewshot)
 
-    p = sub.add_parser("train", help="train and evaluate one (method, dataset, shots, seed)")
-    _add_run_arguments(p)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--fewshot", required=True, help="few-shot file written by `blocklora fewshot`")
+    p = sub.add_parser("train", help="train and evaluate one run: a method on a dataset's few-shot subset")
+    _add_run_arguments(p, methods)
+    p.add_argument("--dataset", required=True, help=f"the dataset's registered name: {datasets}")
+    p.add_argument(
+        "--fewshot",
+        required=True,
+        help="few-shot file (`blocklora fewshot`), or the split file for zero-shot",
+    )
     p.add_argument(
         "--state",
         required=True,
@@ -382,17 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "transfer", help="test a method trained on one dataset on another dataset's test split"
     )
-    _add_run_arguments(p)
-    p.add_argument("--source", required=True, help="dataset the method was trained on")
+    _add_run_arguments(p, methods)
+    p.add_argument("--source", required=True, help="the dataset the method was trained on")
     p.add_argument("--source-fewshot", required=True, help="the few-shot file it was trained with")
-    p.add_argument("--state", required=True, help="its learned state (the train job's adapter file)")
-    p.add_argument("--dataset", required=True, help="target dataset")
+    p.add_argument("--state", required=True, help="its learned state (the train job's state.safetensors)")
+    p.add_argument("--dataset", required=True, help=f"the target dataset: {datasets}")
     p.add_argument("--split", required=True, help="the target's split file (its test split is used)")
     p.set_defaults(func=cmd_transfer)
+
     p = sub.add_parser("profile", help="parameters, FLOPs, step time, memory and latency of one method")
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", required=True, help=f"registered method: {methods}")
     p.add_argument("--module", default=None, help="import this module first (a method outside blocklora)")
-    p.add_argument("--backbone", required=True, help="open_clip model name, or a blocklora config")
+    p.add_argument(
+        "--backbone", required=True, help="open_clip model name, or a blocklora config (demo-tiny)"
+    )
     p.add_argument("--pretrained", default=None, help="open_clip tag, checkpoint file, or none")
     p.add_argument("--classes", type=_positive_int, required=True, help="classes of the synthetic task")
     p.add_argument(
@@ -403,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the method's batch_size")
     p.add_argument("--steps", type=_positive_int, default=20, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights' initialization and the batch")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: all)")
     p.set_defaults(func=cmd_profile)
 
@@ -443,6 +511,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_data_arguments(p: argparse.ArgumentParser, datasets: str) -> None:
+    p.add_argument("dataset", help=f"registered dataset: {datasets}")
+    p.add_argument("--data-root", required=True, help="datasets live in DATA_ROOT/<dataset>/")
+    p.add_argument("--archives-dir", default=None, help="folder of archives you already downloaded")
+    p.add_argument(
+        "--sources", default=None, help="JSON file of other URLs and checksums (a mirror, fixtures)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -452,6 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
+    except BrokenPipeError:  # `blocklora methods | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         log.error("%s", exc)
         if args.verbose:

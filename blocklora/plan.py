@@ -97,6 +97,43 @@ def _coerce_node(value: Any, schema: Mapping[str, Any], root: Mapping[str, Any])
     return value
 
 
+def load_config(
+    configfile: str | Path, overrides: Iterable[str] = (), *, suites: Iterable[str] | None = None
+) -> Plan:
+    """The plan the workflow would build from ``configfile`` and ``--config``-style ``KEY=VALUE``
+    overrides (merged into the config as snakemake merges them), checked against the workflow's schema."""
+    import jsonschema
+    import yaml
+
+    configfile = Path(configfile)
+    if not configfile.is_file():
+        raise FileNotFoundError(f"no config file {configfile}; run from the repository or give --configfile")
+    config = yaml.safe_load(configfile.read_text())
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--config takes KEY=VALUE, got {item!r}")
+        _merge(config, {key: yaml.load(text, Loader=yaml.BaseLoader) if text else None})
+    schema_file = configfile.resolve().parent / "workflow" / "schemas" / "config.schema.yaml"
+    schema = yaml.safe_load(schema_file.read_text())
+    coerce_config(config, schema)
+    try:
+        jsonschema.validate(config, schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(map(str, exc.absolute_path)) or "the config"
+        raise ConfigError(f"{where}: {exc.message}") from None
+    return Plan(config, suites=suites)
+
+
+def _merge(config: dict, update: Mapping[str, Any]) -> None:
+    """Nested dicts merged, everything else replaced: what ``snakemake --config`` does."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(config.get(key), dict):
+            _merge(config[key], value)
+        else:
+            config[key] = value
+
+
 # ------------------------------------------------------------------ what a run is
 
 
@@ -123,36 +160,34 @@ class Setup:
 @dataclass(frozen=True)
 class MethodSetup:
     """A registered method with its hyper-parameters: the overrides the config gives and, for a
-    method in the catalog, the resolved values the run will use."""
+    method in the catalog, the resolved values the run will use (both as canonical JSON)."""
 
     library: str
     module: str | None
-    # how the config says it: the run is what the values resolve to
-    overrides: tuple[tuple[str, Any], ...] = field(compare=False)
-    resolved: tuple[tuple[str, Any], ...]
+    # how the config says it; the run is what the values resolve to
+    overrides_json: str = field(compare=False)
+    resolved_json: str
     needs_fewshot: bool = True
     class_agnostic: bool = True
 
     @property
+    def overrides(self) -> dict[str, Any]:
+        return json.loads(self.overrides_json)
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The resolved hyper-parameters (for a method outside the catalog: its overrides)."""
+        return json.loads(self.resolved_json)
+
+    @property
     def folder(self) -> str:
-        key = {"method": self.library, "module": self.module, "hparams": dict(self.resolved)}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        key = {"method": self.library, "module": self.module, "hparams": self.hparams}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return f"{self.library}-{digest[:8]}"
 
-    def hparams_json(self) -> str:
-        return json.dumps(dict(self.overrides), sort_keys=True)
 
-
-def _frozen(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted((k, _hashable(v)) for k, v in mapping.items()))
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, dict):
-        return _frozen(value)
-    return value
+def _canonical(mapping: Mapping[str, Any]) -> str:
+    return json.dumps(mapping, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -311,7 +346,7 @@ class Plan:
         overrides.update(self.config["suites"][suite].get("hparams", {}).get(entry, {}))
         where = f"suite {suite!r}, method entry {entry!r}"
         if module:  # not in the catalog: checked when its first job starts
-            return MethodSetup(library, module, _frozen(overrides), _frozen(overrides))
+            return MethodSetup(library, module, _canonical(overrides), _canonical(overrides))
         known = self.catalog[library]
         try:
             resolved = hp_types.resolve(library, known["defaults"], known["types"], overrides, where=where)
@@ -321,8 +356,8 @@ class Plan:
         return MethodSetup(
             library,
             None,
-            _frozen(typed),
-            _frozen(resolved),
+            _canonical(typed),
+            _canonical(resolved),
             needs_fewshot=known["needs_fewshot"],
             class_agnostic=known["class_agnostic"],
         )
@@ -423,7 +458,7 @@ class Plan:
         return [
             *args,
             "--hparams",
-            method.hparams_json(),
+            method.overrides_json,
             "--backbone",
             setup.backbone,
             "--pretrained",

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # Commands worth a preloaded process: those that import torch (or pandas and matplotlib).
-HEAVY_COMMANDS = frozenset({"train", "transfer", "profile", "report", "pretrain-demo"})
+HEAVY_COMMANDS = frozenset({"train", "transfer", "profile", "report", "pretrain-demo", "plan"})
 # Settings read when torch and its libraries load, so a server serves only callers that agree on them.
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH", "CUDA_HOME", "LD_")
 PACKAGE = Path(__file__).resolve().parent

@@ -396,7 +396,8 @@ def plot_accuracy_vs_shots(
                 rows["shots"], rows["mean"] - std, rows["mean"] + std, color=colors[label], alpha=0.2
             )
         ax.set_title(dataset_title(dataset) if dataset != AVERAGE else AVERAGE)
-        ax.set_xscale("log", base=2)
+        if min(shots) > 0:  # only runs without shots (zero-shot alone) sit at 0
+            ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(s) for s in shots])
         ax.set_xlabel("shots per class")
         ax.set_ylabel("accuracy (%)")

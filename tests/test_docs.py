@@ -35,3 +35,28 @@ def test_nothing_cites_documents_outside_the_repository():
             continue
         text = path.read_text()
         assert "PROTOCOL.md" not in text and "../shared" not in text, path
+
+
+def test_the_lora_and_block_lora_defaults_are_the_protocols():
+    """docs/protocol.md §2 states CLIP-LoRA's values; the methods' defaults must be those values."""
+    from blocklora.catalog import load_catalog
+
+    section = PROTOCOL.read_text().split("## §2")[1].split("## §3")[0]
+    assert "r = 2, alpha = 1, s = alpha / √r" in section
+    assert "AdamW, lr 2e-4, weight decay 1e-2, betas (0.9, 0.999)" in section
+    assert "cosine from lr to 1e-6" in section and "500 × shots gradient steps" in section
+    assert "batch 32" in section and "100 · norm(image features)" in section
+    assert '"a photo of a {}."' in section and "scale 0.08–1" in section
+    assert "Dropout (0.25)" in PROTOCOL.read_text().split("## §1")[1].split("## §2")[0]
+    expected = {
+        "rank": 2, "alpha": 1.0, "scaling": "sqrt", "lr": 2e-4, "weight_decay": 1e-2, "betas": [0.9, 0.999],
+        "eta_min": 1e-6, "iterations_per_shot": 500, "iterations": None, "batch_size": 32, "logit_scale": 100.0,
+        "template": "a photo of a {}.", "crop_scale": [0.08, 1.0], "dropout": 0.25, "optimizer": "adamw",
+        "warmup_iterations": 0, "targets": ["q", "k", "v"], "encoders": ["vision", "text"], "layers": "all",
+        "precision": "auto",
+    }  # fmt: skip
+    catalog = load_catalog()
+    for method in ("lora", "blocklora"):
+        defaults = catalog[method]["defaults"]
+        assert {k: defaults[k] for k in expected} == expected, method
+    assert catalog["blocklora"]["defaults"]["blocks"] == 8 and "(n = 8)" in PROTOCOL.read_text()

@@ -22,6 +22,48 @@ def _spawn(lock_dir, hold, gpus="3"):
     )
 
 
+def test_train_transfer_and_profile_commands_claim_a_gpu_before_cuda_starts(tmp_path, monkeypatch):
+    """Under fake device counts, each GPU command locks one GPU and sets CUDA_VISIBLE_DEVICES to it."""
+    from blocklora import cli
+
+    monkeypatch.setenv("BLOCKLORA_NUM_GPUS", "2")
+    monkeypatch.setenv("BLOCKLORA_GPU_LOCKS", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    seen = []
+
+    def stop(*args, **kwargs):  # the command reached its work with the GPU claimed
+        seen.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        raise RuntimeError("stop here")
+
+    import blocklora.experiment
+    import blocklora.profiling
+
+    monkeypatch.setattr(blocklora.experiment, "run_experiment", stop)
+    monkeypatch.setattr(blocklora.experiment, "run_transfer", stop)
+    monkeypatch.setattr(blocklora.profiling, "profile_method", stop)
+    common = ["--method", "zeroshot", "--backbone", "x", "--record", "r.json"]
+    commands = [
+        ["train", *common, "--dataset", "d", "--fewshot", "f", "--image-root", "i", "--state", "s"],
+        ["transfer", *common, "--source", "a", "--source-fewshot", "f", "--state", "s", "--dataset", "d",
+         "--split", "p", "--image-root", "i"],
+        ["profile", "--method", "lora", "--backbone", "x", "--classes", "2", "--out", "o.json"],
+    ]  # fmt: skip
+    from blocklora import gpus
+
+    for argv in commands:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        assert cli.main(argv) == 1
+        assert (tmp_path / "gpu0.lock").read_text().strip() == str(os.getpid())  # locked by this job
+        for handle in gpus._held:  # the job ends: its lock goes with it
+            handle.close()
+        gpus._held.clear()
+    assert seen == ["0", "0", "0"]
+    monkeypatch.setenv("BLOCKLORA_NUM_GPUS", "1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cli.main(commands[0]) == 1  # one GPU: nothing to claim, nothing to narrow
+    assert seen[-1] is None
+
+
 def test_concurrent_jobs_each_get_their_own_gpu(tmp_path):
     jobs = [_spawn(tmp_path, 2.0) for _ in range(3)]
     outputs = [job.communicate(timeout=60)[0].split() for job in jobs]

@@ -45,10 +45,10 @@ def test_hyper_parameters_arriving_as_text_are_typed_by_the_methods_defaults():
         "coop": {"compile": "reduce-overhead", "iterations": "12"},
     }
     plan = Plan(cfg)
-    lora = dict(plan.method_setup("paper", "lora").overrides)
+    lora = plan.method_setup("paper", "lora").overrides
     assert lora["lr"] == 0.001 and lora["rank"] == 4 and lora["iterations"] is None
-    assert lora["crop_scale"] == (0.5, 1.0)
-    coop = dict(plan.method_setup("paper", "coop").overrides)
+    assert lora["crop_scale"] == [0.5, 1.0]
+    coop = plan.method_setup("paper", "coop").overrides
     assert coop == {"compile": "reduce-overhead", "iterations": 12}
 
 
@@ -122,7 +122,7 @@ def test_the_rehearsal_overlays_the_real_suites():
         suite = plan.suites[name]
         assert suite.shots == [1] and suite.seeds == [1]
         assert {run.setup.backbone for _, run in suite.runs} == {"demo-tiny"}
-        lora = dict(next(run for label, run in suite.runs if label == "lora").method.overrides)
+        lora = next(run for label, run in suite.runs if label == "lora").method.overrides
         assert lora["iterations"] == 2
     # the real suites' names, datasets, methods and transfers are all kept
     assert plan.suites["paper"].datasets == CONFIG["suites"]["paper"]["datasets"]

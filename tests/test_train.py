@@ -163,6 +163,23 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_with_identical_metrics(
     assert not (tmp_path / "cut" / "blocklora.checkpoint.pt").exists()
 
 
+def test_a_checkpoint_of_another_configuration_is_ignored_and_the_run_starts_at_0(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, caplog
+):
+    hp = {**FAST, "iterations": 10, "checkpoint_every": 5, "blocks": 4}
+    folder = tmp_path / "run"
+    checkpoint = folder / "blocklora.checkpoint.pt"
+    from blocklora.train import save_checkpoint
+
+    save_checkpoint(checkpoint, fingerprint={"method": "blocklora", "hparams": {**hp, "lr": 1.0}}, step=5)
+    record = _run(tiny_config, tiny_checkpoint, toy_dataset, folder, "blocklora", hp)
+    assert record["train_stats"]["resumed_from"] == 0
+    assert f"ignoring checkpoint {checkpoint}: it belongs to another configuration" in caplog.text
+    reference = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "ref", "blocklora", hp)
+    assert record["accuracy"] == reference["accuracy"]
+    assert record["train_stats"]["loss_last"] == reference["train_stats"]["loss_last"]
+
+
 def test_records_carry_hashes_of_their_config_and_inputs(tiny_config, tiny_checkpoint, toy_dataset, tmp_path):
     hp = {**FAST, "iterations": 2}
     a = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "a", "lora", hp)

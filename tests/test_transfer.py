@@ -72,3 +72,41 @@ def test_predictions_can_be_restricted_to_a_label_subset():
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [3.0, 0.0, 9.0, 1.0]])
     assert predict(logits).tolist() == [1, 2]
     assert predict(logits, [0, 3]).tolist() == [3, 0]
+
+
+def test_a_target_with_a_subset_of_imagenets_classes_is_scored_on_those_classes_only(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, trained, monkeypatch
+):
+    """As ImageNet-A and -R: the source's labels, two of its four classes present."""
+    for name in ("toy_source", "toy_a"):
+        spec = DatasetSpec(
+            name=name,
+            title=name,
+            template="a photo of a {}.",
+            image_dir="images",
+            num_classes=4,
+            imagenet_labels=True,
+        )
+        monkeypatch.setitem(registry._REGISTRY, name, spec)
+    images, fewshot = toy_dataset
+    full = json.loads(fewshot.read_text())
+    subset = [e for e in full["test"] if e[1] in (0, 2)]  # ImageNet labels kept
+    target = tmp_path / "toy_a.json"
+    target.write_text(json.dumps({"train": [], "val": [], "test": subset}))
+    kept = []
+    original = predict
+
+    def recording(logits, label_subset=None):
+        kept.append(label_subset)
+        return original(logits, label_subset)
+
+    import blocklora.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "predict", recording)
+    record = run_transfer(
+        method="blocklora", source="toy_source", source_fewshot=fewshot, state=trained, target="toy_a",
+        target_split=target, image_root=images, shots=12, seed=1, backbone=tiny_config,
+        pretrained=str(tiny_checkpoint), hparams=FAST, record=tmp_path / "a.json", device="cpu", progress=False,
+    )  # fmt: skip
+    assert record["num_classes"] == 4 and record["label_subset"] == 2 and record["test_size"] == len(subset)
+    assert kept and all(list(s) == [0, 2] for s in kept)  # only the classes present compete

@@ -35,6 +35,9 @@ class Source:
     kind: SourceKind = "archive"
     # Other names (and md5s) under which a user may have placed an equivalent file by hand.
     alternatives: tuple[tuple[str, str | None], ...] = ()
+    # Bytes of the published file, for the plan's disk estimate: as TensorFlow Datasets' URL checksum
+    # records give them (ILSVRC's devkit: about 2.5 MB); None where no source states it.
+    size: int | None = None
 
     @property
     def remote(self) -> str | None:
@@ -198,9 +201,15 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         image_dir="images",
         num_classes=1000,
         sources=(
-            Source(filename="ILSVRC2012_img_train.tar", md5="1d675b47d978889d74fa0da5fadfb00e"),
-            Source(filename="ILSVRC2012_img_val.tar", md5="29b22e2961454d5413ddabcf34fc5622"),
-            Source(filename="ILSVRC2012_devkit_t12.tar.gz", md5="fa75699e90414af021442c21a62c3abf"),
+            Source(
+                filename="ILSVRC2012_img_train.tar", md5="1d675b47d978889d74fa0da5fadfb00e", size=147897477120
+            ),
+            Source(
+                filename="ILSVRC2012_img_val.tar", md5="29b22e2961454d5413ddabcf34fc5622", size=6744924160
+            ),
+            Source(
+                filename="ILSVRC2012_devkit_t12.tar.gz", md5="fa75699e90414af021442c21a62c3abf", size=2500000
+            ),
         ),
         unpack="ilsvrc2012",
         layout=("images/train", "images/val"),
@@ -222,6 +231,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
                 filename="caltech-101.zip",
                 url="https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
                 md5="3138e1922a9193bfa496528edbbc45d0",
+                size=137_414_764,
                 alternatives=(("101_ObjectCategories.tar.gz", "b224c7392d521a49829488ab0f1120d9"),),
             ),
             _split("1hyarUivQE36mY6jSomru6Fjd-JzwcCzN", "Caltech101"),
@@ -246,6 +256,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
                 filename="images.tar.gz",
                 url=f"{_OX}/pets/data/images.tar.gz",
                 md5="5c4f3ee8e5d25df40f4fd59a7f44e54c",
+                size=791_918_971,
             ),
             _split("1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs", "OxfordPets"),
         ),
@@ -262,8 +273,8 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         image_dir=".",
         num_classes=196,
         sources=(
-            Source(filename="cars_train.tgz", md5="065e5b463ae28d29e77c1b4b166cfe61"),
-            Source(filename="cars_test.tgz", md5="4ce7ebf6a94d07f1952d94dd34c4d501"),
+            Source(filename="cars_train.tgz", md5="065e5b463ae28d29e77c1b4b166cfe61", size=979269282),
+            Source(filename="cars_test.tgz", md5="4ce7ebf6a94d07f1952d94dd34c4d501", size=977350468),
             _split("1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT", "StanfordCars"),
         ),
         layout=("cars_train", "cars_test"),
@@ -282,6 +293,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
                 filename="102flowers.tgz",
                 url=f"{_OX}/flowers/102/102flowers.tgz",
                 md5="52808999861908f626f3c1f4e79d11fa",
+                size=344_862_509,
             ),
             _split("1Pp0sRXzZFZq15zVOzKjKBu4A9i01nozT", "OxfordFlowers"),
         ),
@@ -303,6 +315,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
                 filename="food-101.tar.gz",
                 url="http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
                 md5="85eeb15f3717b99a5da872d97d918f87",
+                size=4_996_278_331,
             ),
             _split("1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl", "Food101"),
         ),
@@ -324,6 +337,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
             Source(
                 filename="fgvc-aircraft-2013b.tar.gz",
                 url=f"{_OX}/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
+                size=2_770_575_360,
             ),
         ),
         layout=(
@@ -349,7 +363,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         image_dir="SUN397",
         num_classes=397,
         sources=(
-            Source(filename="SUN397.tar.gz", md5="8ca2778205c41d23104230ba66911c7a"),
+            Source(filename="SUN397.tar.gz", md5="8ca2778205c41d23104230ba66911c7a", size=39077296924),
             _split("1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq", "SUN397"),
         ),
         layout=("SUN397/a/abbey",),
@@ -371,6 +385,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
                 filename="dtd-r1.0.1.tar.gz",
                 url=f"{_OX}/dtd/download/dtd-r1.0.1.tar.gz",
                 md5="fff73e5086ae6bdbea199a49dfb8a4c1",
+                size=625_239_812,
             ),
             _split("1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x", "DescribableTextures"),
         ),
@@ -391,6 +406,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
                 url="https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
                 "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip",
                 md5="c8fa014336c82ac7804f0398fcb19387",
+                size=94_280_567,
             ),
             _split("1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o", "EuroSAT"),
         ),
@@ -430,6 +446,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
                 filename="imagenetv2-matched-frequency.tar.gz",
                 url="https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/"
                 "imagenetv2-matched-frequency.tar.gz",
+                size=1_253_959_680,
             ),
         ),
         layout=("imagenetv2-matched-frequency-format-val/0", "imagenetv2-matched-frequency-format-val/999"),
@@ -448,7 +465,13 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         template=_GENERIC,
         image_dir="sketch",
         num_classes=1000,
-        sources=(Source(filename="ImageNet-Sketch.zip", gdrive_id="1Mj0i5HBthqH1p_yeXzsg22gZduvgoNeA"),),
+        sources=(
+            Source(
+                filename="ImageNet-Sketch.zip",
+                gdrive_id="1Mj0i5HBthqH1p_yeXzsg22gZduvgoNeA",
+                size=7_593_573_012,
+            ),
+        ),
         layout=("sketch/n01440764",),
         split_sizes={"train": 0, "val": 0, "test": 50_889},
         min_images=50_889,
@@ -468,7 +491,9 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         num_classes=200,
         sources=(
             Source(
-                filename="imagenet-a.tar", url="https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar"
+                filename="imagenet-a.tar",
+                url="https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar",
+                size=687_552_512,
             ),
         ),
         layout=("imagenet-a",),
@@ -493,6 +518,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
                 filename="imagenet-r.tar",
                 url="https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
                 md5="a61312130a589d0ca1a8fca1f2bd3337",
+                size=2_191_079_936,
             ),
         ),
         layout=("imagenet-r",),
@@ -539,6 +565,11 @@ def dataset_names(*, include_synthetic: bool = True) -> list[str]:
     """Names of the registered datasets, built-in ones first, in registration order."""
     _load_plugins()
     return [name for name, spec in _REGISTRY.items() if include_synthetic or not spec.synthetic]
+
+
+def builtin_names() -> list[str]:
+    """The real datasets' names (no plugin loaded)."""
+    return [spec.name for spec in _BUILTIN]
 
 
 def builtin_spec(name: str) -> DatasetSpec | None:

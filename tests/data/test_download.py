@@ -88,6 +88,17 @@ def test_checksum_mismatch_leaves_no_file(file_server, tmp_path):
         assert expected in message
 
 
+def test_a_sha256_given_is_checked_on_download_and_on_a_file_found_locally(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    with pytest.raises(ChecksumError, match=f"sha256 of .* is {SHA256}, expected {'1' * 64}"):
+        download_url(file_server.url("a.bin"), tmp_path / "a.bin", sha256="1" * 64, **FAST)
+    assert not (tmp_path / "a.bin").exists()
+    (tmp_path / "b.bin").write_bytes(PAYLOAD)
+    with pytest.raises(ChecksumError, match="sha256"):
+        download_url(file_server.url("a.bin"), tmp_path / "b.bin", sha256="1" * 64, **FAST)
+    assert download_url(file_server.url("a.bin"), tmp_path / "b.bin", sha256=SHA256, **FAST).is_file()
+
+
 def test_404_names_dataset_url_and_manual_fallback(file_server, tmp_path):
     url = file_server.url("missing.tar.gz")
     with pytest.raises(DownloadError) as err:

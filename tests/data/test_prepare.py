@@ -153,6 +153,14 @@ def test_layout_already_present_skips_archives(toy, tmp_path, make_tar, no_netwo
     assert prepare_dataset("toy_dtd", tmp_path / "data", archives_dir=archives).is_file()
 
 
+def test_missing_sun397_says_where_to_put_what(tmp_path, no_network):
+    with pytest.raises(ManualDownloadRequired) as err:
+        prepare_dataset("sun397", tmp_path / "data", archives_dir=tmp_path / "arch")
+    message = str(err.value)
+    for expected in ("SUN397.tar.gz", "8ca2778205c41d23104230ba66911c7a", "404", str(tmp_path / "arch")):
+        assert expected in message
+
+
 def test_missing_manual_dataset_says_where_to_put_what(tmp_path, no_network):
     with pytest.raises(ManualDownloadRequired) as err:
         prepare_dataset("stanford_cars", tmp_path / "data", archives_dir=tmp_path / "arch")
@@ -219,6 +227,22 @@ def test_eval_only_sets_keep_imagenet_labels(tmp_path, make_tar, monkeypatch, no
 
 
 def test_verify_layout_passes_on_a_good_tree_and_names_what_is_missing(tmp_path):
-    spec = get_dataset("oxford_pets")
+    from dataclasses import replace
+
+    spec = replace(get_dataset("oxford_pets"), min_images=3)
     with pytest.raises(LayoutError, match=r"missing .*images"):
         verify_layout(spec, tmp_path)
+    (tmp_path / "images").mkdir()
+    for name in ("Abyssinian_1.jpg", "Abyssinian_2.jpg"):
+        (tmp_path / "images" / name).write_bytes(b"jpeg")
+    with pytest.raises(LayoutError, match=r"found 2 images .*expected at least 3"):
+        verify_layout(spec, tmp_path)
+    (tmp_path / "images" / "Bengal_1.jpg").write_bytes(b"jpeg")
+    verify_layout(spec, tmp_path)  # a good tree passes
+    split = {
+        "train": [["Abyssinian_1.jpg", 0, "abyssinian"]],
+        "val": [],
+        "test": [["Bengal_9.jpg", 1, "bengal"]],
+    }
+    with pytest.raises(LayoutError, match=r"1 images named by the split are missing .*Bengal_9.jpg"):
+        verify_layout(spec, tmp_path, split)

@@ -20,13 +20,22 @@ def test_tip_adapter_trains_nothing_and_beats_chance(run_method):
     assert record["accuracy"] >= 0.75
 
 
-def test_tip_adapter_f_learns_the_keys(run_method):
+def test_tip_adapter_f_learns_the_keys(run_method, make_method, tmp_path):
+    from blocklora.io import read_tensors
+
     record = run_method("tip_adapter_f", {**FAST, "epochs": 4})
     assert record["trainable_params"] == 12 * 4 * 32  # shots × classes × dim
     stats = record["train_stats"]
     assert record["iterations"] == 4  # 48 images, batch 256: one step per epoch
     assert 1 <= stats["best_epoch"] <= 4 and "alpha" in stats and "beta" in stats
     assert record["accuracy"] > 0.25
+    # the keys moved away from Tip-Adapter's cache ...
+    run_method("tip_adapter", FAST)
+    learned, _ = read_tensors(tmp_path / "tip_adapter_f.safetensors")
+    cached, _ = read_tensors(tmp_path / "tip_adapter.safetensors")
+    assert (learned["keys"] - cached["keys"]).abs().max() > 1e-3
+    # ... and what that bought, on the validation split it chose its epoch on, at the initial alpha, beta
+    assert stats["best_epoch_val_accuracy"] >= stats["init_val_accuracy"]
 
 
 def test_the_search_and_the_epoch_choice_never_see_the_test_split(run_method, toy_dataset, monkeypatch):

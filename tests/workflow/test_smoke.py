@@ -70,3 +70,22 @@ def test_a_second_run_has_nothing_to_do(smoke_run, tmp_path):
     result = snakemake(workdir, "-n", "--configfile", str(config_file), env={"PATH": env_path})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_a_run_deleted_by_hand_is_made_again_by_the_same_command(smoke_run):
+    from tests.workflow.test_workflow import job_counts
+
+    results, _ = smoke_run
+    workdir = results.parent
+    config_file = workdir / "config.test.yaml"
+    env_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    [record] = [
+        p for p in (results / "runs").rglob("record.json") if "/lora-" in str(p) and "shots1_" in str(p)
+    ]
+    import shutil
+
+    shutil.rmtree(record.parent)
+    result = snakemake(workdir, "-n", "--configfile", str(config_file), env={"PATH": env_path})
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["train"] == 1 and counts["report"] == 1  # that run, and the report that shows it

@@ -285,3 +285,28 @@ def test_config_datasets_agree_with_the_registry():
         spec = get_dataset(name)
         assert entry["image_dir"] == spec.image_dir, name
         assert entry.get("synthetic", False) == spec.synthetic, name
+
+
+def test_a_subset_of_a_suite_from_the_command_line_gets_the_schemas_types(tmp_path):
+    subset = "suites={paper: {datasets: [dtd], shots: [4], seeds: [1], hparams: {lora: {iterations: 12}}}}"
+    result = snakemake(tmp_path, "-n", "-p", "--config", subset)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert job_counts(output)["train"] == len(PAPER["methods"])  # dtd, 4 shots, seed 1 (zero-shot: any shots)
+    lora = [line for line in output.splitlines() if "cli train --method lora" in line]
+    assert len(lora) == 1 and '"iterations": 12' in lora[0] and "--shots 4 --seed 1" in lora[0]
+
+
+@pytest.mark.parametrize(
+    ("hparams", "message"),
+    [
+        ("{lora: {itrations: 5}}", r"unknown hyper-parameter\(s\) \['itrations'\] for method 'lora'"),
+        ("{lora: {num_workers: 0}}", r"unknown hyper-parameter\(s\) \['num_workers'\]"),
+        ("{coop: {lr: fast}}", r"hyper-parameter 'lr' of method 'coop': expected float, got 'fast'"),
+    ],
+)
+def test_a_wrong_hyper_parameter_stops_the_workflow_before_any_job(tmp_path, hparams, message):
+    text = failed_before_any_job(
+        snakemake(tmp_path, "-n", "--config", f"suites={{paper: {{hparams: {hparams}}}}}")
+    )
+    assert re.search(message, text) and "suite 'paper'" in text
