@@ -205,9 +205,8 @@ def run_experiment(
         checkpoint=checkpoint_path(record),
         threads=threads or torch.get_num_threads(),
     )
-    log.info(
-        "%s on %s, %d shots, seed %d: %d trainable of %d parameters", method, dataset, shots, seed, *params
-    )
+    cell = f"{shots} shots, seed {seed}" if method_cls.needs_fewshot else "no few-shot subset"
+    log.info("%s on %s, %s: %d trainable of %d parameters", method, dataset, cell, *params)
     stats = instance.fit(run)
     instance.save(state, dataset=dataset, shots=shots, seed=seed)
     result = evaluate(instance, task.test, task.image_root, run)
@@ -223,14 +222,7 @@ def run_experiment(
     write_json(record, rec)
     if run.checkpoint is not None:
         run.checkpoint.unlink(missing_ok=True)
-    log.info(
-        "%s on %s, %d shots, seed %d: test accuracy %.2f %%",
-        method,
-        dataset,
-        shots,
-        seed,
-        100 * rec["accuracy"],
-    )
+    log.info("%s on %s, %s: test accuracy %.2f %%", method, dataset, cell, 100 * rec["accuracy"])
     return rec
 
 

@@ -38,7 +38,7 @@ def _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, method, hparams, *
         hparams=hparams,
         record=tmp_path / f"{method}.json",
         state=tmp_path / f"{method}.safetensors",
-        device="cpu",
+        device=kwargs.pop("device", "cpu"),
         template="a photo of a {}.",
         progress=False,
         **kwargs,
