@@ -102,7 +102,7 @@ def measure(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", nargs="+", default=["demo-tiny", "ViT-B-16"], help="backbones to measure")
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda (default: cpu)")
@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         "--demo-checkpoint", default="results/demo/backbone.pt", help="demo-tiny's weights, if built"
     )
     p.add_argument("--out", default=None, help="also write the figures here (JSON)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     start = median_seconds(lambda: fresh_interpreter("pass"), args.repeat)

@@ -1,4 +1,4 @@
-"""Few-shot sampling as PROTOCOL §3.2 (Dassl generate_fewshot_dataset under CoOp)."""
+"""Few-shot sampling as docs/protocol.md §4 (Dassl generate_fewshot_dataset under CoOp)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from blocklora.data.fewshot import sample_fewshot, write_fewshot
+from blocklora.data.fewshot import sample_fewshot, val_is_test, write_fewshot
 from blocklora.data.splits import read_split
 
 
@@ -100,6 +100,54 @@ def test_fewer_items_than_shots_takes_all_without_repeats():
     assert [e[0] for e in subset["train"] if e[1] == 0] == ["a1.jpg", "a2.jpg"]
     assert sorted(e[0] for e in subset["train"] if e[1] == 1) == ["b1.jpg", "b2.jpg", "b3.jpg"]
     assert subset["val"] == split["val"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_a_class_with_exactly_shots_items_is_shuffled_as_dassl_does(seed):
+    """Dassl samples when len(items) >= K: a class of exactly K items comes out permuted and draws."""
+    train = [
+        [f"{c}{i}.jpg", label, c]
+        for label, (c, n) in enumerate([("a", 3), ("b", 4), ("c", 5)])
+        for i in range(n)
+    ]
+    split = {"train": train, "val": [["v.jpg", 0, "a"]], "test": [["t.jpg", 0, "a"]]}
+    assert sample_fewshot(split, shots=4, seed=seed) == _dassl(split, 4, seed)
+
+
+def test_two_classes_sharing_a_name_are_sampled_apart():
+    """ImageNet has such names ("crane" the bird and the machine): grouping is by label."""
+    train = [[f"{label}_{i}.jpg", label, "crane"] for label in (0, 1) for i in range(5)]
+    subset = sample_fewshot({"train": train, "val": [], "test": [["t.jpg", 0, "crane"]]}, shots=2, seed=1)
+    assert Counter(e[1] for e in subset["train"]) == {0: 2, 1: 2}
+
+
+def _classes(per_class: int, prefix: str) -> list[list]:
+    return [
+        [f"{prefix}/{name}_{i}.jpg", label, name]
+        for label, name in enumerate(["cat", "dog"])
+        for i in range(per_class)
+    ]
+
+
+@pytest.mark.parametrize("val", ["empty", "overlaps test"])
+def test_a_val_that_cannot_select_models_is_drawn_from_the_train_images_left(val):
+    train, test = _classes(5, "train"), _classes(3, "test")
+    split = {"train": train, "val": [] if val == "empty" else test[:2] + test[3:5], "test": test}
+    assert val_is_test(split)
+    subset = sample_fewshot(split, shots=4, seed=1)
+    paths = {key: [e[0] for e in subset[key]] for key in ("train", "val")}
+    assert not set(paths["train"]) & set(paths["val"])  # 5 per class, 4 trained on: 1 left each
+    assert set(paths["val"]) <= {e[0] for e in train}
+    assert Counter(e[1] for e in subset["val"]) == {0: 1, 1: 1}
+    assert sample_fewshot(split, shots=4, seed=1) == subset
+
+
+def test_a_val_of_its_own_is_kept_and_sampled():
+    split = {"train": _classes(5, "train"), "val": _classes(6, "val"), "test": _classes(3, "test")}
+    assert not val_is_test(split)
+    subset = sample_fewshot(split, shots=2, seed=1)
+    assert all(e in split["val"] for e in subset["val"]) and len(subset["val"]) == 4
+    assert subset == _dassl(split, 2, 1)
 
 
 @pytest.mark.parametrize("shots", [0, -1, 1.5, True])
