@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -43,7 +44,7 @@ def visible_gpus() -> list[str]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+    return re.findall(r"^GPU (\d+):", out, re.M)  # its own indices; MIG lines below a GPU are not GPUs
 
 
 def claim_gpu(lock_dir: str | Path, *, poll_seconds: float = 2.0, timeout: float | None = None) -> str | None:

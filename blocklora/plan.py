@@ -308,11 +308,13 @@ class Plan:
                         f"suite {name!r} names unknown method {entry!r}; "
                         f"known methods (config `methods:`): {_known(methods)}"
                     )
-            for entry in suite.get("hparams", {}):
-                if entry not in chosen:
+            for entry in suite.get(
+                "hparams", {}
+            ):  # entries it does not run are fine: a subset of its methods
+                if entry not in methods:
                     raise ConfigError(
-                        f"suite {name!r} has hparams for method {entry!r}, which it does not run; "
-                        f"its methods: {', '.join(chosen)}"
+                        f"suite {name!r} has hparams for unknown method {entry!r}; "
+                        f"known methods (config `methods:`): {_known(methods)}"
                     )
             uses_demo = suite["pretrained"] == "demo" or any(
                 datasets[d].get("synthetic") for d in suite["datasets"]

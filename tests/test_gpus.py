@@ -1,9 +1,14 @@
+import fcntl
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from blocklora.gpus import claim_gpu, visible_gpus
+import pytest
+
+from blocklora import gpus
+from blocklora.gpus import claim_gpu, default_lock_dir, visible_gpus
 
 CLAIM = """
 import os, sys, time
@@ -95,3 +100,71 @@ def test_visible_devices_are_respected(monkeypatch, tmp_path):
     assert claim_gpu(tmp_path) is None
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert claim_gpu(tmp_path) == "3"
+
+
+def _hold_every_gpu(lock_dir, gpus):
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    handles = [open(lock_dir / f"gpu{g}.lock", "w") for g in range(gpus)]  # noqa: SIM115
+    for h in handles:
+        fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handles
+
+
+def test_no_gpu_freeing_within_the_timeout_is_an_error_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKLORA_NUM_GPUS", "2")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    handles = _hold_every_gpu(tmp_path, 2)  # another job holds each GPU
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"no free GPU among \['0', '1'\].*--resources gpu=2"):
+            claim_gpu(tmp_path, poll_seconds=0.05, timeout=0.3)
+        assert 0.3 < time.monotonic() - started < 10
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    finally:
+        for h in handles:
+            h.close()
+
+
+def test_the_lock_folder_is_made_with_its_parents_and_options_are_keywords(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKLORA_NUM_GPUS", "2")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(TypeError):
+        claim_gpu(tmp_path, 0.1)  # poll_seconds and timeout are keyword-only
+    try:
+        assert claim_gpu(tmp_path / "a" / "b", timeout=5) == "0"
+        assert (tmp_path / "a" / "b" / "gpu0.lock").read_text().strip() == str(os.getpid())
+    finally:
+        for handle in gpus._held:
+            handle.close()
+        gpus._held.clear()
+
+
+def test_the_default_lock_folder_is_per_user_or_the_named_one(monkeypatch):
+    monkeypatch.delenv("BLOCKLORA_GPU_LOCKS", raising=False)
+    monkeypatch.setenv("USER", "alice")
+    assert default_lock_dir() == Path("/tmp/blocklora-gpu-locks-alice")
+    monkeypatch.delenv("USER")
+    assert default_lock_dir() == Path(f"/tmp/blocklora-gpu-locks-{os.getuid()}")
+    monkeypatch.setenv("BLOCKLORA_GPU_LOCKS", "/scratch/locks")
+    assert default_lock_dir() == Path("/scratch/locks")
+
+
+NVIDIA_SMI = """#!/bin/sh
+echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa)"
+echo "  MIG 3g.40gb Device 0: (UUID: MIG-bbbb)"
+echo "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-cccc)"
+exit {status}
+"""
+
+
+@pytest.mark.parametrize(("status", "expected"), [(0, ["0", "1"]), (9, []), (None, [])])
+def test_without_settings_the_gpus_are_those_nvidia_smi_lists(tmp_path, monkeypatch, status, expected):
+    """Listed GPUs count (not their MIG slices); a failing or missing nvidia-smi means none."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("BLOCKLORA_NUM_GPUS", raising=False)
+    if status is not None:
+        script = tmp_path / "nvidia-smi"
+        script.write_text(NVIDIA_SMI.format(status=status))
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert visible_gpus() == expected

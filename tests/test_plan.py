@@ -69,6 +69,17 @@ def test_a_wrong_hyper_parameter_is_an_error_naming_suite_entry_and_key(entry, o
     assert f"suite 'paper', method entry '{entry}'" in str(err.value)
 
 
+def test_a_subset_of_a_suites_methods_keeps_their_hparams_and_a_misnamed_entry_is_an_error():
+    cfg = config(suite="demo")
+    cfg["suites"]["demo"]["methods"] = ["zeroshot", "lora"]  # the demo has hparams for all eight
+    runs = Plan(cfg).suites["demo"].runs
+    assert {label for label, _ in runs} == {"zeroshot", "lora"}
+    assert Plan(cfg).method_setup("demo", "lora").overrides["iterations"] == 200
+    cfg["suites"]["demo"]["hparams"]["blocklra"] = {"rank": 4}
+    with pytest.raises(ConfigError, match=r"suite 'demo' has hparams for unknown method 'blocklra'"):
+        Plan(cfg)
+
+
 def test_a_method_tied_to_its_classes_cannot_be_a_cross_dataset_transfer():
     cfg = config(suite="cross_dataset")
     cfg["suites"]["cross_dataset"]["methods"].append("linear_probe")

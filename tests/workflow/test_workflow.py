@@ -255,11 +255,15 @@ def test_wrong_type_fails_naming_the_value(tmp_path):
     assert "'two'" in text
 
 
-def test_hparams_for_a_method_the_suite_does_not_run_fail(tmp_path):
+def test_hparams_for_an_entry_that_is_no_method_fail_and_a_subset_of_methods_keeps_its_hparams(tmp_path):
     config = copy.deepcopy(CONFIG)
-    config["suites"]["smoke"]["hparams"]["lora_r4"] = {"lr": 0.1}
-    text = failed_before_any_job(snakemake(tmp_path, "-n", config=config))
-    assert "'lora_r4'" in text and "suite 'smoke'" in text
+    config["suites"]["smoke"]["hparams"]["lora_r44"] = {"lr": 0.1}
+    (tmp_path / "typo").mkdir()
+    text = failed_before_any_job(snakemake(tmp_path / "typo", "-n", config=config))
+    assert "unknown method 'lora_r44'" in text and "suite 'smoke'" in text
+    subset = "suites={smoke: {methods: [zeroshot, lora]}}"  # smoke has hparams for all eight
+    result = snakemake(tmp_path, "-n", "--config", "suite=smoke", subset)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_default_profile_and_archives_dir_reach_the_jobs(tmp_path):
