@@ -20,6 +20,22 @@ TINY_CONFIG = {
 TOY_COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _method_registry_restored():
+    """Each test module leaves the method registry as it found it.
+
+    Loading a benchmark script registers its own methods (train_step.py's ``reference``); without
+    this, what a later module sees in the registry would depend on the order the modules ran in.
+    """
+    from blocklora.methods import REGISTRY, method_names
+
+    method_names()  # the package's own methods discovered before the snapshot
+    saved = dict(REGISTRY)
+    yield
+    REGISTRY.clear()
+    REGISTRY.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> str:
     """Register a 2-layer, 64-wide CLIP under the name ``test-tiny``."""
