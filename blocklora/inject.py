@@ -75,12 +75,8 @@ class AdaptedAttention(nn.Module):
 
     def _fusable(self) -> bool:
         qkv = [self.adapters[t] for t in "qkv" if t in self.adapters]
-        return (
-            self.fuse
-            and not self.merged
-            and len(qkv) > 0
-            and len({(a.blocks, a.dropout_p, a.rank) for a in qkv}) == 1
-        )
+        # one shape for all of them (so at least one): one chunk sum, one batched matmul
+        return self.fuse and not self.merged and len({(a.blocks, a.dropout_p, a.rank) for a in qkv}) == 1
 
     def _project_qkv_fused(self, x: torch.Tensor) -> torch.Tensor:
         """One matmul for the frozen q, k, v; one for the down-projections; one for the up ones.

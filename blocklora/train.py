@@ -267,7 +267,7 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
         desc=f"{method.name} {task.dataset} {task.shots}-shot",
         disable=not run.progress,
     )
-    log_every = max(1, int(hp.get("log_every", 50)))
+    log_every = max(1, int(hp["log_every"]))  # 0 logs every iteration
     for iteration in range(start_step, iterations):
         step.set_lr(cosine_lr(iteration, **schedule))
         index = sampler.next()

@@ -1,11 +1,12 @@
 import json
 
+import open_clip
 import pytest
 import torch
 
 from blocklora import apply_adapters, load_adapters, load_backbone, merge_adapters, save_adapters
 from blocklora.inject import adapted_attentions
-from blocklora.io import atomic_path, read_tensors, write_json
+from blocklora.io import atomic_path, read_tensors, write_json, write_tensors
 
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 PROMPTS = ["a photo of a red thing.", "a photo of a blue thing."]
@@ -117,4 +118,31 @@ def test_an_adapter_file_for_another_backbone_is_refused_by_a_fresh_one(
 
     write_tensors(path, tensors, meta)
     with pytest.raises(ValueError, match=r"cannot take: .*blocks=5 does not divide"):
+        load_adapters(load_backbone(tiny_config, str(tiny_checkpoint)).model, path)
+
+
+def test_an_adapter_file_for_other_weights_of_the_same_architecture_is_refused(
+    tiny_config, tiny_checkpoint, tmp_path
+):
+    path = tmp_path / "a.safetensors"
+    save_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    torch.save(open_clip.create_model(tiny_config).state_dict(), other)
+    with pytest.raises(
+        ValueError,
+        match=f"trained on backbone {tiny_config} / tiny.pt, but this model is {tiny_config} / other.pt",
+    ):
+        load_adapters(_adapted(tiny_config, other).model, path)
+
+
+def test_a_fresh_backbone_names_the_backbone_a_file_was_made_for_before_trying_its_adapters(
+    tiny_config, tiny_checkpoint, tmp_path
+):
+    path = tmp_path / "a.safetensors"
+    save_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)
+    tensors, meta = read_tensors(path)
+    meta["backbone"]["name"], meta["config"]["layers"] = "ViT-B-16", [11]  # a layer the tiny model lacks
+    write_tensors(path, tensors, meta)
+    with pytest.raises(ValueError, match="trained on backbone ViT-B-16"):
         load_adapters(load_backbone(tiny_config, str(tiny_checkpoint)).model, path)

@@ -1,12 +1,19 @@
+import functools
 import json
+import logging
+import re
+import statistics
+import time
 
 import pytest
 import torch
 
+from blocklora import experiment, train
 from blocklora.cli import main
-from blocklora.experiment import run_experiment
+from blocklora.experiment import build_run, run_experiment
+from blocklora.methods import FewShotTask, configured_method
 from blocklora.methods.lora import LoRA
-from blocklora.train import compile_options, cosine_lr
+from blocklora.train import BatchSampler, TrainStep, compile_options, cosine_lr, make_optimizer
 
 FAST = {
     "iterations": 60,
@@ -40,7 +47,7 @@ def _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, method, hparams, *
         state=tmp_path / f"{method}.safetensors",
         device=kwargs.pop("device", "cpu"),
         template="a photo of a {}.",
-        progress=False,
+        progress=kwargs.pop("progress", False),
         **kwargs,
     )
 
@@ -75,8 +82,9 @@ def test_same_seed_same_result_on_cpu(tiny_config, tiny_checkpoint, toy_dataset,
     assert a["train_stats"] == b["train_stats"]
 
 
+@pytest.mark.parametrize("bad", [1, 4])
 def test_a_nan_loss_stops_the_run_naming_the_iteration(
-    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch, bad
 ):
     calls = {"n": 0}
     original = LoRA.train_logits
@@ -84,10 +92,10 @@ def test_a_nan_loss_stops_the_run_naming_the_iteration(
     def poisoned(self, images):
         calls["n"] += 1
         logits = original(self, images)
-        return logits * float("nan") if calls["n"] == 4 else logits
+        return logits * float("nan") if calls["n"] == bad else logits
 
     monkeypatch.setattr(LoRA, "train_logits", poisoned)
-    with pytest.raises(FloatingPointError, match="at iteration 4"):
+    with pytest.raises(FloatingPointError, match=f"at iteration {bad};"):
         _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", FAST)
     assert not (tmp_path / "lora.json").exists()
 
@@ -256,3 +264,183 @@ def test_a_bad_compile_setting_stops_the_run_before_it_starts(
     with pytest.raises(ValueError, match="unknown compile setting"):
         _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", {**FAST, "compile": "fastest"})
     assert not (tmp_path / "lora.json").exists()
+
+
+def _recorded_losses(monkeypatch) -> list[float]:
+    """The loss of every training step, in order, as the loop sees it."""
+    seen: list[float] = []
+    original = TrainStep.__call__
+
+    def recorded(self, images, labels):
+        loss = original(self, images, labels)
+        seen.append(float(loss))
+        return loss
+
+    monkeypatch.setattr(TrainStep, "__call__", recorded)
+    return seen
+
+
+def test_the_loop_logs_each_windows_mean_loss_and_the_last_one(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch, caplog
+):
+    losses = _recorded_losses(monkeypatch)
+    caplog.set_level(logging.INFO, logger="blocklora")
+    started = time.perf_counter()
+    record = _run(
+        tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", {**FAST, "iterations": 7, "log_every": 3}
+    )
+    elapsed = time.perf_counter() - started
+    logged = re.findall(r"iteration (\d+)/7 loss (\S+)", caplog.text)
+    assert [int(done) for done, _ in logged] == [3, 6, 7]  # every 3rd iteration, and the last
+    windows = [losses[0:3], losses[3:6], losses[4:7]]  # the last log_every losses at each
+    assert [float(v) for _, v in logged] == pytest.approx([statistics.mean(w) for w in windows], abs=1e-4)
+    stats = record["train_stats"]
+    assert stats["loss_first"] == pytest.approx(statistics.mean(losses[:3]), rel=1e-5)
+    assert stats["loss_last"] == pytest.approx(statistics.mean(losses[-3:]), rel=1e-5)
+    assert 0 < record["train_seconds"] < elapsed
+
+
+def test_log_every_0_logs_every_iteration(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="blocklora")
+    _run(
+        tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", {**FAST, "iterations": 3, "log_every": 0}
+    )
+    assert re.findall(r"iteration (\d)/3 loss", caplog.text) == ["1", "2", "3"]
+
+
+def test_a_progress_bar_replaces_the_log_lines(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, caplog, capsys
+):
+    caplog.set_level(logging.INFO, logger="blocklora")
+    hp = {**FAST, "iterations": 4, "log_every": 2}
+    _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", hp, progress=True)
+    bar = capsys.readouterr().err
+    assert "lora toy 12-shot" in bar and "4/4" in bar
+    assert "iteration 4/4" not in caplog.text
+    _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "quiet", "lora", hp)
+    assert "4/4" not in capsys.readouterr().err
+    assert "iteration 4/4" in caplog.text
+
+
+def test_checkpoint_every_0_writes_no_checkpoint(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+):
+    saved = []
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, **state: saved.append(path))
+    record = _run(
+        tiny_config,
+        tiny_checkpoint,
+        toy_dataset,
+        tmp_path,
+        "lora",
+        {**FAST, "iterations": 4, "checkpoint_every": 0},
+    )
+    assert record["iterations"] == 4 and saved == []
+
+
+def test_a_run_without_a_checkpoint_path_trains(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+):
+    """A method trained from the library, with no checkpoint file: checkpointing is off, not an error."""
+    monkeypatch.setattr(experiment, "checkpoint_path", lambda record: None)
+    record = _run(
+        tiny_config,
+        tiny_checkpoint,
+        toy_dataset,
+        tmp_path,
+        "lora",
+        {**FAST, "iterations": 4, "checkpoint_every": 2},
+    )
+    assert record["train_stats"]["resumed_from"] == 0 and not list(tmp_path.glob("*.pt"))
+
+
+def test_a_checkpoint_of_other_images_with_the_same_labels_is_ignored(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+):
+    images, fewshot = toy_dataset
+    splits = json.loads(fewshot.read_text())
+    by_label: dict[int, list] = {}
+    for entry in splits["train"]:
+        by_label.setdefault(entry[1], []).append(entry)
+    shifted = [
+        e for entries in by_label.values() for e in entries[1:] + entries[:1]
+    ]  # same labels, other images
+    assert [e[1] for e in shifted] == [e[1] for e in splits["train"]] and shifted != splits["train"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**splits, "train": shifted}))
+
+    hp = {**FAST, "iterations": 10, "checkpoint_every": 5}
+    original = LoRA.train_logits
+    calls = {"n": 0}
+
+    def killed_at_8(self, images):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, images)
+
+    monkeypatch.setattr(LoRA, "train_logits", killed_at_8)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_config, tiny_checkpoint, (images, fewshot), tmp_path / "run", "lora", hp)
+    assert (tmp_path / "run" / "lora.checkpoint.pt").exists()
+    monkeypatch.setattr(LoRA, "train_logits", original)
+    record = _run(tiny_config, tiny_checkpoint, (images, other), tmp_path / "run", "lora", hp)
+    assert record["train_stats"]["resumed_from"] == 0
+
+
+def test_cosine_schedule_warms_up_then_anneals_over_what_is_left():
+    lr = functools.partial(cosine_lr, total=10, base=1.0, eta_min=0.1, warmup=2, warmup_lr=0.01)
+    assert [lr(0), lr(1)] == [0.01, 0.01]
+    assert lr(2) == pytest.approx(1.0)  # the cosine starts after the warm-up ...
+    assert lr(6) == pytest.approx(0.55)  # ... is half-way at half of the 8 steps left ...
+    assert lr(10) == pytest.approx(0.1)  # ... and ends at eta_min
+    assert cosine_lr(3, total=3, base=1.0, eta_min=0.1, warmup=3, warmup_lr=0.01) == pytest.approx(1.0)
+    with pytest.raises(TypeError):
+        cosine_lr(0, 10, 1.0, 0.1, 2, 0.01)  # keyword-only: no mixing up total, base and eta_min
+
+
+def test_the_optimizer_is_adamw_or_sgd_with_its_settings():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    hp = {"lr": 0.1, "betas": [0.8, 0.9], "eps": 1e-6, "weight_decay": 0.01, "momentum": 0.7}
+    adamw = make_optimizer(params, {**hp, "optimizer": "adamw"})
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.9)
+    sgd = make_optimizer(params, {**hp, "optimizer": "sgd"})
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.7
+    with pytest.raises(ValueError, match="unknown optimizer 'adam': use adamw or sgd"):
+        make_optimizer(params, {**hp, "optimizer": "adam"})
+
+
+def test_the_batch_sampler_draws_every_image_once_per_pass():
+    sampler = BatchSampler(5, 2, torch.Generator().manual_seed(0))
+    first = [sampler.next() for _ in range(3)]
+    assert [len(b) for b in first] == [2, 2, 1]  # the last batch of a pass is kept whole
+    assert sorted(i for b in first for i in b) == [0, 1, 2, 3, 4]
+    assert BatchSampler(1, 4, torch.Generator()).next() == [0]  # one shot of one class
+    with pytest.raises(ValueError, match="the few-shot training set is empty"):
+        BatchSampler(0, 4, torch.Generator())
+
+
+def test_flops_are_counted_on_the_eager_step_when_training_compiles(
+    tiny_config, tiny_checkpoint, toy_dataset
+):
+    """forward_backward runs eagerly even when the method compiles its loss (what FLOP counting needs)."""
+    images, fewshot = toy_dataset
+    splits = json.loads(fewshot.read_text())
+    task = FewShotTask(
+        dataset="toy", classnames=["red", "green", "blue", "yellow"], template="a photo of a {}.",
+        train=splits["train"], val=splits["val"], test=splits["test"], image_root=images, shots=12, seed=1,
+    )  # fmt: skip
+    method_cls, hp = configured_method(
+        "lora", overrides={**FAST, "compile": True, "compile_backend": "aot_eager"}
+    )
+    method, run, _ = build_run(
+        method_cls, hp, task,
+        backbone=tiny_config, pretrained=str(tiny_checkpoint), device="cpu", seed=1,
+    )  # fmt: skip
+    step = TrainStep(method, run.precision(method.hp), run.device)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    step.forward_backward(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert not torch._dynamo.utils.counters["stats"]["calls_captured"]  # nothing traced
+    step(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"]  # the training step is
