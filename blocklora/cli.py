@@ -539,11 +539,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+# Commands worth a preloaded process: those that import torch (or pandas and matplotlib).
+HEAVY_COMMANDS = frozenset({"train", "transfer", "profile", "report", "pretrain-demo", "plan"})
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand of a ``blocklora`` command line (its first argument that is not an option)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def preload_imports() -> None:
+    """What a preload server imports once for the heavy commands (no CUDA, no thread pool)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    import seaborn  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+
+    import blocklora.experiment
+    import blocklora.pretrain
+    import blocklora.profiling
+    import blocklora.report  # noqa: F401
+    from blocklora.methods import method_names
+
+    method_names()  # imports every method module
+
+
 def entry() -> int:
     """The ``blocklora`` command line: heavy commands run in a preloaded process (:mod:`blocklora.preload`)."""
     from blocklora.preload import run
 
-    code = run(sys.argv[1:])
+    argv = sys.argv[1:]
+    heavy = command_of(argv) in HEAVY_COMMANDS
+    code = run(argv, target="blocklora.cli:main", warm="blocklora.cli:preload_imports") if heavy else None
     return main() if code is None else code
 
 

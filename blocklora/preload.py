@@ -1,9 +1,11 @@
 """Jobs that start in milliseconds: a process that has imported torch once forks one child per command.
 
 Before a training job does anything it spends about 4 s importing torch, torchvision (which pulls in
-torch._dynamo) and open_clip, and a suite runs hundreds of jobs. So ``python -m blocklora.cli train
-…`` (and ``transfer``, ``profile``, ``report``, ``pretrain-demo``) asks a *preload server* that has
-made those imports once to fork a child for it. The child takes the command's arguments, working
+torch._dynamo) and open_clip, and a suite runs hundreds of jobs. So the command line
+(:func:`blocklora.cli.entry`) asks a *preload server* that has made those imports once to fork a child
+for its heavy commands (``train``, ``transfer``, ``profile``, ``report``, ``pretrain-demo``, ``plan``).
+The server knows nothing of the command line: its caller names the function that makes the imports
+and the function the child runs (``module:function``), and a server serves one such pair. The child takes the command's arguments, working
 directory, environment, umask and standard input, output and error (passed over a Unix socket), runs
 the command exactly as the command line would, and its exit status becomes the command's. The caller
 forwards SIGINT, SIGTERM and SIGHUP to the child; a child whose caller disappears (``kill -9``) is
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import json
 import os
 import selectors
@@ -37,8 +40,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-# Commands worth a preloaded process: those that import torch (or pandas and matplotlib).
-HEAVY_COMMANDS = frozenset({"train", "transfer", "profile", "report", "pretrain-demo", "plan"})
 # Settings read when torch and its libraries load, so a server serves only callers that agree on them.
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH", "CUDA_HOME", "LD_")
 PACKAGE = Path(__file__).resolve().parent
@@ -63,10 +64,10 @@ def idle_seconds() -> float:
     return float(os.environ.get("BLOCKLORA_PRELOAD_IDLE", "300"))
 
 
-def server_key() -> str:
-    """What a server's imports depend on: interpreter, import path, import-time settings, the package."""
+def server_key(target: str, warm: str) -> str:
+    """What a server depends on: what it runs, interpreter, import path, import-time settings, the package."""
     digest = hashlib.sha256()
-    digest.update(f"{sys.executable}\n{sys.version}\n{json.dumps(sys.path)}\n".encode())
+    digest.update(f"{target}\n{warm}\n{sys.executable}\n{sys.version}\n{json.dumps(sys.path)}\n".encode())
     for name in sorted(os.environ):
         if name.startswith(IMPORT_TIME_ENV):
             digest.update(f"{name}={os.environ[name]}\n".encode())
@@ -81,20 +82,25 @@ def server_key() -> str:
     return digest.hexdigest()[:20]
 
 
-def command_of(argv: Sequence[str]) -> str | None:
-    """The subcommand of a ``blocklora`` command line (its first argument that is not an option)."""
-    return next((arg for arg in argv if not arg.startswith("-")), None)
+def resolve(name: str):
+    """The function ``module:function`` names."""
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 # ------------------------------------------------------------------ the caller's side
 
 
-def run(argv: Sequence[str]) -> int | None:
-    """Run ``blocklora argv`` in a preloaded child; None when it should run in-process instead."""
-    if command_of(argv) not in HEAVY_COMMANDS or not enabled():
+def run(argv: Sequence[str], *, target: str, warm: str) -> int | None:
+    """``target(argv)`` in a child of a server that ran ``warm()``; its exit status, or None when the
+    command should run in-process instead (preloading off, or no server could start).
+
+    ``target`` and ``warm`` are ``module:function`` names: the server imports them, not this module.
+    """
+    if not enabled():
         return None
     try:
-        connection = _connect_or_start(server_key())
+        connection = _connect_or_start(server_key(target, warm), target, warm)
     except OSError as exc:
         print(f"blocklora: preload server unavailable ({exc}); running in-process", file=sys.stderr)
         return None
@@ -140,7 +146,7 @@ def _connect(path: Path) -> socket.socket | None:
     return connection
 
 
-def _connect_or_start(key: str) -> socket.socket | None:
+def _connect_or_start(key: str, target: str, warm: str) -> socket.socket | None:
     folder = server_dir()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"{key}.sock"
@@ -157,7 +163,7 @@ def _connect_or_start(key: str) -> socket.socket | None:
         server = (
             os.posix_spawn(  # the caller's cwd and environment, so the same sys.path; a session of its own
                 sys.executable,
-                [sys.executable, "-m", "blocklora.preload", "serve", str(path), str(PACKAGE)],
+                [sys.executable, "-m", "blocklora.preload", "serve", str(path), str(PACKAGE), target, warm],
                 os.environ,
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -184,25 +190,6 @@ def _connect_or_start(key: str) -> socket.socket | None:
 
 
 # ------------------------------------------------------------------ the server's side
-
-
-def preload() -> None:
-    """Import what the heavy commands import, without touching CUDA or starting a thread pool."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot
-    import seaborn  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
-
-    import blocklora.cli
-    import blocklora.experiment
-    import blocklora.pretrain
-    import blocklora.profiling
-    import blocklora.report  # noqa: F401
-    from blocklora.methods import method_names
-
-    method_names()  # imports every method module
 
 
 class _Request:
@@ -234,9 +221,11 @@ class _Request:
         self.fds = []
 
 
-def serve(path: Path, package: Path) -> None:
-    """Preload, then fork a child per request until idle; SIGTERM stops taking requests."""
-    preload()
+def serve(path: Path, package: Path, target: str, warm: str) -> None:
+    """Run ``warm()``, then fork a child per request running ``target(argv)`` until idle; SIGTERM stops
+    taking requests."""
+    resolve(warm)()
+    run_command = resolve(target)
     import blocklora
 
     if Path(blocklora.__file__).resolve().parent != package:
@@ -272,7 +261,7 @@ def serve(path: Path, package: Path) -> None:
                     with contextlib.suppress(BlockingIOError):
                         os.read(wake_read, 4096)
                 elif isinstance(key.data, _Request):
-                    _on_request(key, selector, children, (listener, wake_read, wake_write))
+                    _on_request(key, selector, children, (listener, wake_read, wake_write), run_command)
                 else:  # a caller sends nothing after its request: readable means it went away
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(key.data, signal.SIGKILL)
@@ -306,7 +295,7 @@ def _remove_own(path: Path, listener: socket.socket) -> None:
             path.with_suffix(".pid").unlink(missing_ok=True)
 
 
-def _on_request(key, selector, children: dict[int, socket.socket], server_files) -> None:
+def _on_request(key, selector, children: dict[int, socket.socket], server_files, run_command) -> None:
     connection, request = key.fileobj, key.data
     try:
         complete = request.feed(connection)
@@ -324,7 +313,7 @@ def _on_request(key, selector, children: dict[int, socket.socket], server_files)
     selector.unregister(connection)
     pid = os.fork()
     if pid == 0:
-        _become_command(complete, request.fds, connection, selector, children, server_files)
+        _become_command(complete, request.fds, connection, selector, children, server_files, run_command)
     request.close()
     connection.setblocking(True)
     connection.sendall(f"pid {pid}\n".encode())
@@ -332,7 +321,9 @@ def _on_request(key, selector, children: dict[int, socket.socket], server_files)
     selector.register(connection, selectors.EVENT_READ, pid)
 
 
-def _become_command(request: dict, fds: list[int], connection, selector, children, server_files) -> None:
+def _become_command(
+    request: dict, fds: list[int], connection, selector, children, server_files, run_command
+) -> None:
     """In the forked child: take the caller's streams, directory and environment, run, exit."""
     code = 1
     try:
@@ -362,9 +353,7 @@ def _become_command(request: dict, fds: list[int], connection, selector, childre
         _reseed()
         sys.stdout.reconfigure(line_buffering=os.isatty(1))  # as a fresh interpreter would decide
         sys.argv = ["blocklora", *request["argv"]]
-        from blocklora.cli import main
-
-        code = main(request["argv"])
+        code = run_command(request["argv"])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:
@@ -435,7 +424,7 @@ def stop_servers() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "serve":
-        serve(Path(sys.argv[2]), Path(sys.argv[3]))
+    if len(sys.argv) == 6 and sys.argv[1] == "serve":
+        serve(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
-        sys.exit("usage: python -m blocklora.preload serve SOCKET PACKAGE_DIR")
+        sys.exit("usage: python -m blocklora.preload serve SOCKET PACKAGE_DIR MODULE:COMMAND MODULE:WARM_UP")

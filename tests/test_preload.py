@@ -1,5 +1,6 @@
 """The preload server: heavy commands run in a forked child that behaves as the command line would."""
 
+import functools
 import json
 import os
 import signal
@@ -138,16 +139,18 @@ def test_the_server_key_follows_the_code_the_interpreter_and_import_time_setting
     package.mkdir()
     (package / "a.py").write_text("x = 1\n")
     monkeypatch.setattr(preload, "PACKAGE", package)
-    first = preload.server_key()
-    assert preload.server_key() == first
+    key = functools.partial(preload.server_key, "blocklora.cli:main", "blocklora.cli:preload_imports")
+    first = key()
+    assert key() == first
     (package / "a.py").write_text("x = 22\n")  # an edit
-    edited = preload.server_key()
+    edited = key()
     assert edited != first
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert preload.server_key() != edited
-    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("OMP_BLOCKLORA_TEST", "3")  # an OMP_ setting
+    assert key() != edited
+    monkeypatch.delenv("OMP_BLOCKLORA_TEST")
     monkeypatch.setenv("SOME_JOB_SETTING", "x")  # read at run time: the same server
-    assert preload.server_key() == edited
+    assert key() == edited
+    assert preload.server_key("other:main", "blocklora.cli:preload_imports") != edited  # another command
 
 
 def test_preloading_is_on_by_default_off_inside_slurm_and_can_be_forced():
@@ -155,5 +158,22 @@ def test_preloading_is_on_by_default_off_inside_slurm_and_can_be_forced():
     assert not preload.enabled({"SLURM_JOB_ID": "12"})
     assert preload.enabled({"SLURM_JOB_ID": "12", "BLOCKLORA_PRELOAD": "1"})
     assert not preload.enabled({"BLOCKLORA_PRELOAD": "0"})
-    assert preload.command_of(["-v", "train", "--method", "x"]) == "train"
-    assert preload.run(["methods"]) is None  # light commands never go through a server
+
+
+def test_only_heavy_commands_go_through_a_server(monkeypatch, capsys):
+    from blocklora import cli
+
+    assert cli.command_of(["-v", "train", "--method", "x"]) == "train"
+    asked = []
+    monkeypatch.setattr(preload, "run", lambda argv, **kwargs: asked.append((argv, kwargs)) or 0)
+    monkeypatch.setattr(sys, "argv", ["blocklora", "methods"])
+    assert cli.entry() == 0 and asked == []  # a light command runs here
+    assert "blocklora" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["blocklora", "-v", "report", "--help"])
+    assert cli.entry() == 0
+    assert asked == [
+        (
+            ["-v", "report", "--help"],
+            {"target": "blocklora.cli:main", "warm": "blocklora.cli:preload_imports"},
+        )
+    ]
