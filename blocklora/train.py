@@ -68,7 +68,7 @@ def loss_function(
             logits = method.train_logits(images)
             return F.cross_entropy(logits.float(), labels)
 
-    options = compile_options(method.hp.get("compile", False), method.hp.get("compile_backend", "inductor"))
+    options = compile_options(method.hp["compile"], method.hp["compile_backend"])
     if not compiled or options is None:
         return loss
     traced = torch.compile(loss, **options)

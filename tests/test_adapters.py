@@ -126,3 +126,70 @@ def test_matched_init_gives_a_x_the_spread_of_loras_and_kaiming_sqrt_n_times_it(
     assert spread(1, "matched") == pytest.approx(spread(1, "kaiming"), rel=0.3)  # one block: the same law
     with pytest.raises(ValueError, match="unknown init 'xavier'"):
         LowRankAdapter(8, 8, init="xavier")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "rank must be >= 1, got 0"),
+        ({"blocks": 0}, "blocks=0 does not divide its input width 8"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\), got -0.1"),
+        ({"init": "xavier"}, "unknown init 'xavier'"),
+    ],
+)
+def test_bad_adapter_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=f"adapter: {message}"):
+        LowRankAdapter(8, 4, **kwargs)
+
+
+def test_the_smallest_good_settings_are_accepted():
+    adapter = LowRankAdapter(8, 4, rank=1, blocks=8, dropout=0.99)
+    assert adapter.lora_A.shape == (1, 1) and adapter.lora_B.shape == (4, 1)
+
+
+def test_default_adapter_is_rank_2_lora_scaled_by_alpha_over_sqrt_r():
+    adapter = LowRankAdapter(8, 4)
+    assert (adapter.rank, adapter.blocks) == (2, 1)
+    assert adapter.scaling == pytest.approx(1 / 2**0.5)
+    assert BlockLoRALinear(nn.Linear(16, 4)).adapter.blocks == 8
+
+
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_a_is_drawn_as_nn_linear_draws_a_weight_of_its_shape(blocks):
+    """kaiming-uniform with a = sqrt(5) on rank x d/n: uniform on +-1/sqrt(d/n)."""
+    torch.manual_seed(0)
+    adapter = LowRankAdapter(256, 4, rank=64, blocks=blocks)
+    bound = 1 / (256 // blocks) ** 0.5
+    assert adapter.lora_A.abs().max() <= bound
+    assert adapter.lora_A.abs().max() > 0.97 * bound
+
+
+def test_layers_freeze_their_base_and_name_themselves_in_errors():
+    layer = LoRALinear(nn.Linear(8, 4))
+    assert not any(p.requires_grad for p in layer.base.parameters())
+    assert (layer.in_features, layer.out_features) == (8, 4)
+    with pytest.raises(TypeError, match=r"layer: expected nn\.Linear, got Conv1d"):
+        LoRALinear(nn.Conv1d(8, 4, 1))
+    with pytest.raises(RuntimeError, match="LoRALinear is not merged"):
+        layer.unmerge()
+    layer.merge()
+    with pytest.raises(RuntimeError, match="LoRALinear is already merged"):
+        layer.merge()
+    with pytest.raises(RuntimeError, match="LoRALinear is merged and cannot be trained"):
+        layer.train()(torch.randn(2, 8))
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        LowRankAdapter(8, 4, 2)
+    with pytest.raises(TypeError):
+        LoRALinear(nn.Linear(8, 4), "q")
+    with pytest.raises(TypeError):
+        BlockLoRALinear(nn.Linear(8, 4), 4)
+
+
+def test_the_parameter_count_is_an_integer_and_lora_by_default():
+    assert adapter_parameter_count(64, 32, 2) == 2 * (64 + 32)
+    count = adapter_parameter_count(64, 32, 2, blocks=8)
+    assert type(count) is int and count == 2 * (8 + 32)

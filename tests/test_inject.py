@@ -197,6 +197,7 @@ CAUSAL = torch.ones(7, 7, dtype=torch.bool).triu(1)
     [
         ({}, "qkv", (X,)),  # self-attention, fused
         ({}, "o", (X,)),  # no q/k/v adapter: nothing to fuse
+        ({}, "q", (X,)),  # one q/k/v adapter: fused alone
         ({}, "qkv", (X, Y, Y)),  # cross-attention: keys and values are one tensor
         ({}, "qkv", (X, Y, Z)),  # ... or two
         ({}, "qkv", (X, X, W)),  # query is key, value is not
@@ -314,3 +315,10 @@ def test_count_parameters_counts_each_tensor_once(tiny):
     assert total == sum(p.numel() for p in tiny.model.parameters())
     head = nn.Linear(32, 4)
     assert count_parameters([tiny.model, head, tiny.model]) == (trainable + 132, total + 132)
+
+
+def test_a_merged_attention_refuses_to_train():
+    attention = _attention(0.0)
+    attention.merge()
+    with pytest.raises(RuntimeError, match="is merged and cannot be trained"):
+        attention.train()(X)

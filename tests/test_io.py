@@ -146,3 +146,20 @@ def test_a_fresh_backbone_names_the_backbone_a_file_was_made_for_before_trying_i
     write_tensors(path, tensors, meta)
     with pytest.raises(ValueError, match="trained on backbone ViT-B-16"):
         load_adapters(load_backbone(tiny_config, str(tiny_checkpoint)).model, path)
+
+
+def test_an_adapter_file_missing_a_tensor_or_with_a_wrong_shape_is_refused(
+    tiny_config, tiny_checkpoint, tmp_path
+):
+    path = tmp_path / "a.safetensors"
+    save_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)
+    tensors, meta = read_tensors(path)
+    key = sorted(tensors)[0]
+    write_tensors(path, {k: v for k, v in tensors.items() if k != key}, meta)
+    with pytest.raises(
+        ValueError, match=rf"does not match the model's adapters: missing \['{key}'\], unexpected \[\]"
+    ):
+        load_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)
+    write_tensors(path, {**tensors, key: tensors[key][:, :1].contiguous()}, meta)
+    with pytest.raises(ValueError, match=rf"{key} has shape"):
+        load_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)

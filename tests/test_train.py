@@ -300,12 +300,16 @@ def test_the_loop_logs_each_windows_mean_loss_and_the_last_one(
     assert 0 < record["train_seconds"] < elapsed
 
 
-def test_log_every_0_logs_every_iteration(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, caplog):
+def test_log_every_0_logs_every_iteration(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, caplog, monkeypatch
+):
+    losses = _recorded_losses(monkeypatch)
     caplog.set_level(logging.INFO, logger="blocklora")
-    _run(
-        tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", {**FAST, "iterations": 3, "log_every": 0}
-    )
+    hp = {**FAST, "iterations": 3, "log_every": 0}
+    record = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", hp)
     assert re.findall(r"iteration (\d)/3 loss", caplog.text) == ["1", "2", "3"]
+    stats = record["train_stats"]
+    assert (stats["loss_first"], stats["loss_last"]) == (pytest.approx(losses[0]), pytest.approx(losses[-1]))
 
 
 def test_a_progress_bar_replaces_the_log_lines(
@@ -395,6 +399,7 @@ def test_cosine_schedule_warms_up_then_anneals_over_what_is_left():
     assert lr(6) == pytest.approx(0.55)  # ... is half-way at half of the 8 steps left ...
     assert lr(10) == pytest.approx(0.1)  # ... and ends at eta_min
     assert cosine_lr(3, total=3, base=1.0, eta_min=0.1, warmup=3, warmup_lr=0.01) == pytest.approx(1.0)
+    assert cosine_lr(3, total=3, base=1.0, eta_min=0.1, warmup=2, warmup_lr=0.01) == pytest.approx(0.1)
     with pytest.raises(TypeError):
         cosine_lr(0, 10, 1.0, 0.1, 2, 0.01)  # keyword-only: no mixing up total, base and eta_min
 
@@ -444,3 +449,66 @@ def test_flops_are_counted_on_the_eager_step_when_training_compiles(
     assert not torch._dynamo.utils.counters["stats"]["calls_captured"]  # nothing traced
     step(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
     assert torch._dynamo.utils.counters["stats"]["calls_captured"]  # the training step is
+
+
+def test_every_step_runs_at_the_scheduled_learning_rate(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+):
+    rates: list[float] = []
+    original = TrainStep.__call__
+
+    def recorded(self, images, labels):
+        rates.append(self.optimizer.param_groups[0]["lr"])
+        return original(self, images, labels)
+
+    monkeypatch.setattr(TrainStep, "__call__", recorded)
+    hp = {**FAST, "iterations": 6, "lr": 0.01, "eta_min": 0.001, "warmup_iterations": 2, "warmup_lr": 0.0001}
+    _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", hp)
+    expected = [cosine_lr(i, total=6, base=0.01, eta_min=0.001, warmup=2, warmup_lr=0.0001) for i in range(6)]
+    assert rates == pytest.approx(expected)
+
+
+def test_an_unreadable_checkpoint_is_named_and_the_run_starts_at_0(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, caplog
+):
+    (tmp_path / "lora.checkpoint.pt").write_bytes(b"not a checkpoint")
+    record = _run(
+        tiny_config,
+        tiny_checkpoint,
+        toy_dataset,
+        tmp_path,
+        "lora",
+        {**FAST, "iterations": 4, "checkpoint_every": 2},
+    )
+    assert record["train_stats"]["resumed_from"] == 0
+    assert f"ignoring unreadable checkpoint {tmp_path / 'lora.checkpoint.pt'}" in caplog.text
+
+
+def test_checkpoint_every_1_saves_and_resumes_every_iteration(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+):
+    hp = {**FAST, "iterations": 4, "checkpoint_every": 1}
+    original, calls = LoRA.train_logits, {"n": 0}
+
+    def killed_at_3(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, images)
+
+    monkeypatch.setattr(LoRA, "train_logits", killed_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", hp)
+    monkeypatch.setattr(LoRA, "train_logits", original)
+    assert (
+        _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", hp)["train_stats"]["resumed_from"]
+        == 2
+    )
+
+
+def test_zero_iterations_train_nothing_and_report_no_loss(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path
+):
+    record = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", {**FAST, "iterations": 0})
+    assert record["iterations"] == 0
+    assert record["train_stats"]["loss_first"] is None and record["train_stats"]["loss_last"] is None

@@ -302,10 +302,10 @@ def fetch_source(
     search: list[Path],
     download_dir: Path,
     *,
-    download: bool = True,
+    download: bool,
     progress: bool | None = None,
 ) -> Path:
-    """A verified local copy of ``source``: found in ``search`` or downloaded into ``download_dir``."""
+    """A verified local copy of ``source``: found in ``search`` or (``download``) downloaded into ``download_dir``."""
     where = ", ".join(str(d) for d in search)
     manual = f"{spec.manual} (Folders searched for {source.filename}: {where}.)"
     found = locate_source(source, search)

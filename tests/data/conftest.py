@@ -34,7 +34,12 @@ class FileServer:
 
     files: dict[str, bytes] = field(default_factory=dict)
     cut_after: dict[str, int] = field(default_factory=dict)  # first GET sends only n bytes, then closes
-    fail_times: dict[str, int] = field(default_factory=dict)  # answer 503 this many times first
+    fail_times: dict[str, int] = field(default_factory=dict)  # answer fail_status this many times first
+    fail_status: int = 503
+    unknown_total: set[str] = field(default_factory=set)  # Content-Range "bytes a-b/*"
+    no_length: set[str] = field(default_factory=set)  # no Content-Length: ends with the connection
+    redirects: dict[str, str] = field(default_factory=dict)  # name -> the name it redirects to (302)
+    shift_range: dict[str, int] = field(default_factory=dict)  # first Range: 206 from this offset instead
     delay: dict[str, float] = field(default_factory=dict)  # sleep before answering (every GET)
     ignore_range: set[str] = field(default_factory=set)  # answer 200 with the whole file to Range requests
     log: list[tuple[str, str | None]] = field(default_factory=list)
@@ -59,7 +64,13 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(state.delay[name])
             if state.fail_times.get(name, 0) > 0:
                 state.fail_times[name] -= 1
-                self.send_response(503)
+                self.send_response(state.fail_status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if name in state.redirects:
+                self.send_response(302)
+                self.send_header("Location", f"/{state.redirects[name]}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
@@ -72,6 +83,7 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
             start = 0
             if range_header and name not in state.ignore_range:
                 start = int(range_header.removeprefix("bytes=").split("-")[0])
+                start = state.shift_range.pop(name, start)
                 if start >= len(data):
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(data)}")
@@ -79,11 +91,16 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
                     self.end_headers()
                     return
                 self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                total = "*" if name in state.unknown_total else len(data)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{total}")
             else:
                 self.send_response(200)
             body = data[start:]
-            self.send_header("Content-Length", str(len(body)))
+            if name in state.no_length:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
             cut = state.cut_after.pop(name, None)

@@ -214,3 +214,87 @@ def test_gdrive_refusal_names_manual_fallback(tmp_path, monkeypatch):
     message = str(err.value)
     assert "ucf101" in message and "FILEID" in message and "place x.zip in archives/" in message
     assert not (tmp_path / "x.zip").exists()
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])
+def test_transient_statuses_are_retried(file_server, tmp_path, status):
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.fail_times["a.bin"], file_server.fail_status = 1, status
+    assert download_url(file_server.url("a.bin"), tmp_path / "a.bin", md5=MD5, **FAST).read_bytes() == PAYLOAD
+    assert len(file_server.log) == 2
+
+
+@pytest.mark.parametrize("status", [400, 403, 407, 409, 424, 426, 428, 430, 499, 501, 505])
+def test_other_error_statuses_fail_at_once_naming_the_status(file_server, tmp_path, status):
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.fail_times["a.bin"], file_server.fail_status = 1, status
+    with pytest.raises(DownloadError, match=f"HTTP {status}"):
+        download_url(file_server.url("a.bin"), tmp_path / "a.bin", md5=MD5, **FAST)
+    assert len(file_server.log) == 1
+
+
+def test_a_resume_whose_total_is_unknown_completes(file_server, tmp_path):
+    """Content-Range "bytes a-b/*": the total is what was kept plus what is announced."""
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.cut_after["a.bin"] = 100_000
+    file_server.unknown_total.add("a.bin")
+    dest = download_url(file_server.url("a.bin"), tmp_path / "a.bin", md5=MD5, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    first, second = (r for _, r in file_server.log)
+    assert first is None and second.startswith("bytes=")  # resumed, not restarted
+
+
+def test_a_body_without_content_length_is_read_to_the_end(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.no_length.add("a.bin")
+    assert download_url(file_server.url("a.bin"), tmp_path / "a.bin", md5=MD5, **FAST).read_bytes() == PAYLOAD
+
+
+def test_a_download_makes_its_folders_and_records_a_sha256_only_without_a_checksum(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    dest = download_url(file_server.url("a.bin"), tmp_path / "x" / "y" / "a.bin", md5=MD5, **FAST)
+    assert dest.read_bytes() == PAYLOAD and not dest.with_name("a.bin.sha256").exists()
+
+
+def test_progress_false_prints_no_bar_and_true_does(file_server, tmp_path, capsys):
+    file_server.files["a.bin"] = PAYLOAD
+    download_url(file_server.url("a.bin"), tmp_path / "quiet.bin", md5=MD5, **FAST)
+    assert capsys.readouterr().err == ""
+    download_url(file_server.url("a.bin"), tmp_path / "shown.bin", md5=MD5, **{**FAST, "progress": True})
+    assert "shown.bin" in capsys.readouterr().err
+
+
+def test_gdrive_is_quiet_when_progress_is_off_and_makes_its_folders(tmp_path, monkeypatch):
+    import gdown
+
+    fake, calls = _fake_gdown(PAYLOAD)
+    monkeypatch.setattr(gdown, "download", fake)
+    download_gdrive("FILEID", tmp_path / "a" / "b" / "split.json", md5=MD5, progress=False)
+    download_gdrive("FILEID", tmp_path / "c" / "split.json", md5=MD5, progress=True)
+    assert [c["quiet"] for c in calls] == [True, False]
+
+
+def test_a_redirect_is_followed(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.redirects["latest.bin"] = "a.bin"
+    assert (
+        download_url(file_server.url("latest.bin"), tmp_path / "a.bin", md5=MD5, **FAST).read_bytes()
+        == PAYLOAD
+    )
+
+
+def test_an_answer_for_another_byte_range_restarts_the_download(file_server, tmp_path):
+    file_server.files["a.bin"] = PAYLOAD
+    file_server.cut_after["a.bin"] = 100_000
+    file_server.shift_range["a.bin"] = 200_000  # the resume is answered from further on than the file ends
+    dest = download_url(file_server.url("a.bin"), tmp_path / "a.bin", md5=MD5, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert [r is None for _, r in file_server.log] == [True, False, True]  # cut, wrong range, whole again
+
+
+def test_gdrive_saying_done_without_a_file_is_a_named_failure(tmp_path, monkeypatch):
+    import gdown
+
+    monkeypatch.setattr(gdown, "download", lambda *, output, **kwargs: output)  # writes nothing
+    with pytest.raises(DownloadError, match="Google Drive returned nothing"):
+        download_gdrive("FILEID", tmp_path / "x.zip", md5=MD5, dataset="toy", progress=False)

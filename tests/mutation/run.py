@@ -1,7 +1,7 @@
 """Mutation testing of the core modules with cosmic-ray, in a throwaway clone of HEAD.
 
     pip install cosmic-ray
-    python tests/mutation/run.py                 # all of MODULES (about 2 h on 2 CPU cores)
+    python tests/mutation/run.py                 # all of MODULES (one to two hours on 2 CPU cores)
     python tests/mutation/run.py adapters gpus   # some of them
 
 Each module is mutated against the fast tests that guard it (MODULES); a mutant survives when
@@ -31,7 +31,7 @@ MODULES = {  # name: (module, the tests that guard it)
     "adapters": ("blocklora/adapters.py", "tests/test_adapters.py tests/test_inject.py"),
     "inject": ("blocklora/inject.py", "tests/test_inject.py tests/test_adapters.py tests/test_io.py"),
     "fewshot": ("blocklora/data/fewshot.py", "tests/data/test_fewshot.py tests/data/test_splits.py"),
-    "fetch": ("blocklora/data/fetch.py", "tests/data/test_download.py"),
+    "fetch": ("blocklora/data/fetch.py", "tests/data/test_download.py tests/data/test_prepare.py"),
     "train": ("blocklora/train.py", "tests/test_train.py"),
     "gpus": ("blocklora/gpus.py", "tests/test_gpus.py"),
 }
