@@ -12,9 +12,8 @@ from blocklora import apply_adapters, load_backbone, merge_adapters
 from blocklora.data.eval_images import eval_images
 from blocklora.data.loading import DeviceAugment
 from blocklora.inject import adapted_attentions
-from blocklora.methods.lora import LoRA
 
-from .test_train import FAST, _run
+from .test_train import FAST, _run, _run_killed_at
 
 pytestmark = [
     pytest.mark.cuda,
@@ -87,25 +86,16 @@ def test_a_run_compiled_with_cuda_graphs_trains_as_the_eager_one(
 
 
 def test_a_run_resumed_on_cuda_draws_the_dropout_masks_of_an_uninterrupted_one(
-    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path
 ):
     """Dropout on the GPU draws from the CUDA generator: a checkpoint must carry and restore it."""
     hp = {**FAST, "iterations": 12, "checkpoint_every": 5, "dropout": 0.25, "blocks": 4, "precision": "fp32"}
     reference = _run(
         tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "ref", "blocklora", hp, device="cuda"
     )
-    original, calls = LoRA.train_logits, {"n": 0}
-
-    def killed_at_8(self, images):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, images)
-
-    monkeypatch.setattr(LoRA, "train_logits", killed_at_8)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "cut", "blocklora", hp, device="cuda")
-    monkeypatch.setattr(LoRA, "train_logits", original)
+    _run_killed_at(
+        8, tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "cut", "blocklora", hp, device="cuda"
+    )
     resumed = _run(
         tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "cut", "blocklora", hp, device="cuda"
     )

@@ -52,6 +52,21 @@ def _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, method, hparams, *
     )
 
 
+def _run_killed_at(step: int, *args, **kwargs) -> None:
+    """``_run(*args, **kwargs)`` interrupted at its training step ``step``, leaving what a kill leaves."""
+    original, calls = LoRA.train_logits, {"n": 0}
+
+    def killed(self, images):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, images)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(LoRA, "train_logits", killed)
+        _run(*args, **kwargs)
+
+
 @pytest.mark.parametrize(("method", "extra"), [("lora", {}), ("blocklora", {"blocks": 4})])
 def test_a_tiny_training_run_lowers_the_loss_and_beats_chance(
     tiny_config, tiny_checkpoint, toy_dataset, tmp_path, method, extra
@@ -143,26 +158,14 @@ def test_cli_reports_an_unknown_method(toy_dataset, tmp_path, caplog):
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_with_identical_metrics(
-    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path
 ):
     hp = {**FAST, "iterations": 20, "checkpoint_every": 5, "dropout": 0.25, "blocks": 4}
     reference = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "ref", "blocklora", hp)
 
-    calls = {"n": 0}
-    original = LoRA.train_logits
-
-    def killed_at_13(self, images):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, images)
-
-    monkeypatch.setattr(LoRA, "train_logits", killed_at_13)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "cut", "blocklora", hp)
+    _run_killed_at(13, tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "cut", "blocklora", hp)
     assert not (tmp_path / "cut" / "blocklora.json").exists()
     assert (tmp_path / "cut" / "blocklora.checkpoint.pt").exists()
-    monkeypatch.setattr(LoRA, "train_logits", original)
     resumed = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path / "cut", "blocklora", hp)
     assert resumed["train_stats"]["resumed_from"] == 10
     assert resumed["accuracy"] == reference["accuracy"]
@@ -359,7 +362,7 @@ def test_a_run_without_a_checkpoint_path_trains(
 
 
 def test_a_checkpoint_of_other_images_with_the_same_labels_is_ignored(
-    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path
 ):
     images, fewshot = toy_dataset
     splits = json.loads(fewshot.read_text())
@@ -374,20 +377,8 @@ def test_a_checkpoint_of_other_images_with_the_same_labels_is_ignored(
     other.write_text(json.dumps({**splits, "train": shifted}))
 
     hp = {**FAST, "iterations": 10, "checkpoint_every": 5}
-    original = LoRA.train_logits
-    calls = {"n": 0}
-
-    def killed_at_8(self, images):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, images)
-
-    monkeypatch.setattr(LoRA, "train_logits", killed_at_8)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tiny_config, tiny_checkpoint, (images, fewshot), tmp_path / "run", "lora", hp)
+    _run_killed_at(8, tiny_config, tiny_checkpoint, (images, fewshot), tmp_path / "run", "lora", hp)
     assert (tmp_path / "run" / "lora.checkpoint.pt").exists()
-    monkeypatch.setattr(LoRA, "train_logits", original)
     record = _run(tiny_config, tiny_checkpoint, (images, other), tmp_path / "run", "lora", hp)
     assert record["train_stats"]["resumed_from"] == 0
 
@@ -485,21 +476,10 @@ def test_an_unreadable_checkpoint_is_named_and_the_run_starts_at_0(
 
 
 def test_checkpoint_every_1_saves_and_resumes_every_iteration(
-    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path
 ):
     hp = {**FAST, "iterations": 4, "checkpoint_every": 1}
-    original, calls = LoRA.train_logits, {"n": 0}
-
-    def killed_at_3(self, images):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, images)
-
-    monkeypatch.setattr(LoRA, "train_logits", killed_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", hp)
-    monkeypatch.setattr(LoRA, "train_logits", original)
+    _run_killed_at(3, tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", hp)
     assert (
         _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", hp)["train_stats"]["resumed_from"]
         == 2
