@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import string
 import tarfile
@@ -146,18 +147,43 @@ def _caltech101(out: Path, rng: np.random.Generator) -> Miniature:
     return mini
 
 
-def _oxford_pets(out: Path, rng: np.random.Generator) -> Miniature:
+def _class_archive(
+    out: Path,
+    rng: np.random.Generator,
+    *,
+    archive: str,
+    coop_name: str,
+    prefix: str,
+    entries: list[str],
+    paths_of: Callable[[str], list[str]],
+    name_of: Callable[[str], str] = lambda entry: entry,
+    kind: str = "w:gz",
+    extra: dict[str, bytes] | None = None,
+) -> Miniature:
+    """The common shape: one archive holding ``extra`` files and PER_CLASS images per class under
+    ``prefix`` (``paths_of(entry)`` relative to it), and the CoOp split file that names them."""
     mini, split = Miniature(), _empty_split()
-    with _archive(out / "images.tar.gz") as tar:
-        for label, prefix in enumerate(class_list("oxford_pets")):
-            paths = [f"{prefix}_{n}.jpg" for n in range(1, PER_CLASS + 1)]
+    with _archive(out / archive, kind) as handle:
+        for name, data in (extra or {}).items():
+            handle.add(name, data)
+        for label, entry in enumerate(entries):
+            paths = paths_of(entry)
             for path in paths:
-                tar.add(f"images/{path}", _jpeg(rng, label))
-            _three_way(label, prefix.lower(), paths, split)
-    mini.images = len(class_list("oxford_pets")) * PER_CLASS
-    mini.files.append(out / "images.tar.gz")
-    _split_file(out, "OxfordPets", split, mini)
+                handle.add(f"{prefix}{path}", _jpeg(rng, label))
+            _three_way(label, name_of(entry), paths, split)
+    mini.images = len(entries) * PER_CLASS
+    mini.files.append(out / archive)
+    _split_file(out, coop_name, split, mini)
     return mini
+
+
+def _oxford_pets(out: Path, rng: np.random.Generator) -> Miniature:
+    return _class_archive(
+        out, rng, archive="images.tar.gz", coop_name="OxfordPets", prefix="images/",
+        entries=class_list("oxford_pets"),
+        paths_of=lambda breed: [f"{breed}_{n}.jpg" for n in range(1, PER_CLASS + 1)],
+        name_of=str.lower,
+    )  # fmt: skip
 
 
 def _stanford_cars(out: Path, rng: np.random.Generator) -> Miniature:
@@ -180,88 +206,55 @@ def _stanford_cars(out: Path, rng: np.random.Generator) -> Miniature:
 
 
 def _oxford_flowers(out: Path, rng: np.random.Generator) -> Miniature:
-    mini, split = Miniature(), _empty_split()
-    names = class_list("oxford_flowers")
-    with _archive(out / "102flowers.tgz") as tar:
-        number = 0
-        for label, name in enumerate(names):
-            paths = []
-            for _ in range(PER_CLASS):
-                number += 1
-                paths.append(f"image_{number:05d}.jpg")
-                tar.add(f"jpg/{paths[-1]}", _jpeg(rng, label))
-            _three_way(label, name, paths, split)
-    mini.images = len(names) * PER_CLASS
-    mini.files.append(out / "102flowers.tgz")
-    _split_file(out, "OxfordFlowers", split, mini)
-    return mini
+    numbers = itertools.count(1)  # one sequence across classes, as in the real archive
+    return _class_archive(
+        out, rng, archive="102flowers.tgz", coop_name="OxfordFlowers", prefix="jpg/",
+        entries=class_list("oxford_flowers"),
+        paths_of=lambda _: [f"image_{next(numbers):05d}.jpg" for _ in range(PER_CLASS)],
+    )  # fmt: skip
 
 
 def _food101(out: Path, rng: np.random.Generator) -> Miniature:
-    mini, split = Miniature(), _empty_split()
     names = class_list("food101")
-    with _archive(out / "food-101.tar.gz") as tar:
-        tar.add("food-101/meta/classes.txt", ("\n".join(names) + "\n").encode())
-        for label, name in enumerate(names):
-            paths = [f"{name}/{int(rng.integers(100_000, 4_000_000))}.jpg" for _ in range(PER_CLASS)]
-            for path in paths:
-                tar.add(f"food-101/images/{path}", _jpeg(rng, label))
-            _three_way(label, name, paths, split)
-    mini.images = len(names) * PER_CLASS
-    mini.files.append(out / "food-101.tar.gz")
-    _split_file(out, "Food101", split, mini)
-    return mini
+    return _class_archive(
+        out, rng, archive="food-101.tar.gz", coop_name="Food101", prefix="food-101/images/",
+        entries=names,
+        paths_of=lambda name: [f"{name}/{int(rng.integers(100_000, 4_000_000))}.jpg" for _ in range(PER_CLASS)],
+        extra={"food-101/meta/classes.txt": ("\n".join(names) + "\n").encode()},
+    )  # fmt: skip
 
 
 def _sun397(out: Path, rng: np.random.Generator) -> Miniature:
-    mini, split = Miniature(), _empty_split()
     spec = get_dataset("sun397")
     raw = class_list("sun397")
     letters = np.array(list(string.ascii_lowercase))
-    with _archive(out / "SUN397.tar.gz") as tar:
-        tar.add("SUN397/ClassName.txt", ("\n".join(raw) + "\n").encode())
-        for label, entry in enumerate(raw):
-            paths = [
-                f"{entry.strip('/')}/sun_{''.join(rng.choice(letters, 16))}.jpg" for _ in range(PER_CLASS)
-            ]
-            for path in paths:
-                tar.add(f"SUN397/{path}", _jpeg(rng, label))
-            _three_way(label, clean_classname(spec, entry), paths, split)
-    mini.images = len(raw) * PER_CLASS
-    mini.files.append(out / "SUN397.tar.gz")
-    _split_file(out, "SUN397", split, mini)
-    return mini
+    return _class_archive(
+        out, rng, archive="SUN397.tar.gz", coop_name="SUN397", prefix="SUN397/",
+        entries=raw,
+        paths_of=lambda entry: [
+            f"{entry.strip('/')}/sun_{''.join(rng.choice(letters, 16))}.jpg" for _ in range(PER_CLASS)
+        ],
+        name_of=lambda entry: clean_classname(spec, entry),
+        extra={"SUN397/ClassName.txt": ("\n".join(raw) + "\n").encode()},
+    )  # fmt: skip
 
 
 def _dtd(out: Path, rng: np.random.Generator) -> Miniature:
-    mini, split = Miniature(), _empty_split()
-    names = class_list("dtd")
-    with _archive(out / "dtd-r1.0.1.tar.gz") as tar:
-        for label, name in enumerate(names):
-            paths = [f"{name}/{name}_{i:04d}.jpg" for i in range(1, PER_CLASS + 1)]
-            for path in paths:
-                tar.add(f"dtd/images/{path}", _jpeg(rng, label))
-            _three_way(label, name, paths, split)
-    mini.images = len(names) * PER_CLASS
-    mini.files.append(out / "dtd-r1.0.1.tar.gz")
-    _split_file(out, "DescribableTextures", split, mini)
-    return mini
+    return _class_archive(
+        out, rng, archive="dtd-r1.0.1.tar.gz", coop_name="DescribableTextures", prefix="dtd/images/",
+        entries=class_list("dtd"),
+        paths_of=lambda name: [f"{name}/{name}_{i:04d}.jpg" for i in range(1, PER_CLASS + 1)],
+    )  # fmt: skip
 
 
 def _eurosat(out: Path, rng: np.random.Generator) -> Miniature:
-    mini, split = Miniature(), _empty_split()
     spec = get_dataset("eurosat")
-    folders = class_list("eurosat")
-    with _archive(out / "EuroSAT.zip", "zip") as zipped:
-        for label, folder in enumerate(folders):
-            paths = [f"{folder}/{folder}_{n}.jpg" for n in range(1, PER_CLASS + 1)]
-            for path in paths:
-                zipped.add(f"2750/{path}", _jpeg(rng, label))
-            _three_way(label, clean_classname(spec, folder), paths, split)
-    mini.images = len(folders) * PER_CLASS
-    mini.files.append(out / "EuroSAT.zip")
-    _split_file(out, "EuroSAT", split, mini)
-    return mini
+    return _class_archive(
+        out, rng, archive="EuroSAT.zip", kind="zip", coop_name="EuroSAT", prefix="2750/",
+        entries=class_list("eurosat"),
+        paths_of=lambda folder: [f"{folder}/{folder}_{n}.jpg" for n in range(1, PER_CLASS + 1)],
+        name_of=lambda folder: clean_classname(spec, folder),
+    )  # fmt: skip
 
 
 # In the real archive this one class's files spell its name otherwise than its folder.
@@ -269,21 +262,16 @@ UCF101_FILE_STEMS = {"HandstandPushups": "HandStandPushups"}
 
 
 def _ucf101(out: Path, rng: np.random.Generator) -> Miniature:
-    mini, split = Miniature(), _empty_split()
     spec = get_dataset("ucf101")
-    raw = class_list("ucf101")
-    with _archive(out / "UCF-101-midframes.zip", "zip") as zipped:
-        for label, action in enumerate(raw):
-            folder = clean_classname(spec, action)
-            stem = UCF101_FILE_STEMS.get(action, action)
-            paths = [f"{folder}/v_{stem}_g{group:02d}_c01.jpg" for group in range(1, PER_CLASS + 1)]
-            for path in paths:
-                zipped.add(f"UCF-101-midframes/{path}", _jpeg(rng, label))
-            _three_way(label, folder, paths, split)
-    mini.images = len(raw) * PER_CLASS
-    mini.files.append(out / "UCF-101-midframes.zip")
-    _split_file(out, "UCF101", split, mini)
-    return mini
+
+    def paths_of(action: str) -> list[str]:
+        folder, stem = clean_classname(spec, action), UCF101_FILE_STEMS.get(action, action)
+        return [f"{folder}/v_{stem}_g{group:02d}_c01.jpg" for group in range(1, PER_CLASS + 1)]
+
+    return _class_archive(
+        out, rng, archive="UCF-101-midframes.zip", kind="zip", coop_name="UCF101", prefix="UCF-101-midframes/",
+        entries=class_list("ucf101"), paths_of=paths_of, name_of=lambda action: clean_classname(spec, action),
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ FGVCAircraft: the official split
