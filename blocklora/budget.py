@@ -30,6 +30,21 @@ class MethodCost:
     iterations: int = 0
     trains_on_features: bool = False
     hours: float | None = None
+    prompts: int = 0  # through the text encoder, training and testing, over all runs
+
+
+@dataclass
+class RunCost:
+    """What one run costs before it runs: generic-loop steps and prompts through the text encoder."""
+
+    iterations: int
+    on_features: bool
+    prompts_train: int
+    prompts_test: int
+
+    @property
+    def prompts(self) -> int:
+        return self.prompts_train + self.prompts_test
 
 
 @dataclass
@@ -41,15 +56,16 @@ class Budget:
     jobs: dict[str, int] = field(default_factory=dict)
     devices: set[str] = field(default_factory=set)
     unprofiled: set[str] = field(default_factory=set)
+    largest: tuple[str, Run, RunCost] | None = None  # the run with the most prompts to encode
 
 
-def iterations_of(run: Run) -> tuple[int, bool]:
-    """(generic-loop iterations of ``run``, whether it trains on cached features instead)."""
-    from blocklora.methods import FewShotTask, Method, get_method
+def run_cost(run: Run) -> RunCost:
+    """Steps and text-encoder prompts of ``run``, from its method and its dataset's published sizes."""
+    from blocklora.methods import FewShotTask, get_method
 
     method = get_method(run.method.library, run.method.module)
     if not run.method.needs_fewshot:
-        return 0, False
+        return RunCost(0, False, 0, get_dataset(run.dataset).num_classes)
     spec = get_dataset(run.dataset)
     task = FewShotTask(
         dataset=run.dataset,
@@ -57,13 +73,19 @@ def iterations_of(run: Run) -> tuple[int, bool]:
         template=spec.template,
         train=[("", c, "") for c in range(spec.num_classes) for _ in range(run.shots or 0)],
         val=[],
-        test=[],
+        test=[("", 0, "")] * int((spec.split_sizes or {}).get("test", 0)),
         image_root=Path("."),
         shots=run.shots or 0,
         seed=run.seed or 0,
     )
-    generic = method.train_logits is not Method.train_logits  # trains with the generic loop
-    return int(method(None, task, run.method.hparams).iterations()), not generic
+    instance = method(None, task, run.method.hparams)
+    return RunCost(int(instance.iterations()), not method.trains_with_loop(), *instance.text_passes())
+
+
+def iterations_of(run: Run) -> tuple[int, bool]:
+    """(generic-loop iterations of ``run``, whether it trains on cached features instead)."""
+    cost = run_cost(run)
+    return cost.iterations, cost.on_features
 
 
 def _profiles(plan: Plan) -> list[dict[str, Any]]:
@@ -87,16 +109,19 @@ def budget(plan: Plan) -> Budget:
         rows = []
         for label, run in suite.runs:
             cost = costs.setdefault(label, MethodCost(label))
-            iterations, on_features = iterations_of(run)
+            this = run_cost(run)
             cost.runs += 1
             cost.done += (Path(plan.results) / run.folder / "record.json").is_file()
-            cost.iterations += iterations
-            cost.trains_on_features = on_features
+            cost.iterations += this.iterations
+            cost.trains_on_features = this.on_features
+            cost.prompts += this.prompts
+            if result.largest is None or this.prompts > result.largest[2].prompts:
+                result.largest = (label, run, this)
             rows.append(
                 {
                     "label": f"{name}:{label}",
                     "num_classes": get_dataset(run.dataset).num_classes,
-                    "iterations": iterations,
+                    "iterations": this.iterations,
                 }
             )
         hours = device_hours(rows, steps)
@@ -112,6 +137,16 @@ def budget(plan: Plan) -> Budget:
         "report": len(plan.suites),
     }
     return result
+
+
+def _millions(count: int) -> str:
+    if count >= 1e9:
+        return f"{count / 1e9:.1f} G"
+    if count >= 1e6:
+        return f"{count / 1e6:.1f} M"
+    if count >= 1e3:
+        return f"{count / 1e3:.1f} k"
+    return str(count)
 
 
 def _size(nbytes: float | None) -> str:
@@ -188,7 +223,8 @@ def lines(plan: Plan) -> list[str]:
             out.append(f"  tested also on: {', '.join(suite.targets)} ({len(suite.transfers)} transfer jobs)")
         if suite.left_out:
             out.append(f"  left out (without:): {', '.join(suite.left_out)}")
-        out.append(f"  {'method':18s} {'runs':>6s} {'done':>6s} {'iterations':>12s} {'device-hours':>13s}")
+        header = f"{'method':18s} {'runs':>6s} {'done':>6s} {'iterations':>12s} {'prompts':>10s} {'device-hours':>13s}"
+        out.append(f"  {header}")
         for label, method in cost.methods[name].items():
             if method.hours is not None:
                 hours = f"{method.hours:13.2f}"
@@ -198,10 +234,13 @@ def lines(plan: Plan) -> list[str]:
                 hours = f"{'-':>13s}"
             else:
                 hours = f"{'no profile':>13s}"
-            out.append(f"  {label:18s} {method.runs:6d} {method.done:6d} {method.iterations:12,d} {hours}")
+            out.append(
+                f"  {label:18s} {method.runs:6d} {method.done:6d} {method.iterations:12,d} "
+                f"{_millions(method.prompts):>10s} {hours}"
+            )
         known = [m.hours for m in cost.methods[name].values() if m.hours is not None]
         if known:
-            out.append(f"  {'total':18s} {'':6s} {'':6s} {'':12s} {sum(known):13.2f}")
+            out.append(f"  {'total':18s} {'':6s} {'':6s} {'':12s} {'':10s} {sum(known):13.2f}")
     out.append("")
     jobs = ", ".join(f"{count} {kind}" for kind, count in cost.jobs.items())
     out.append(f"jobs (each run once, whatever suites ask for it): {jobs}")
@@ -217,6 +256,17 @@ def lines(plan: Plan) -> list[str]:
             "machine that runs it"
         )
     out.append("'features': trains on cached frozen features, minutes per run; '-': trains nothing")
+    out.append(
+        "prompts: prompts through the text encoder, training and testing (a step encodes every class's "
+        "prompt; CoCoOp every class's for every image)"
+    )
+    if cost.largest is not None:
+        label, run, this = cost.largest
+        cell = f"{run.shots} shots, seed {run.seed}" if run.shots is not None else "no few-shot subset"
+        out.append(
+            f"most prompts in one run: {label} on {run.dataset} ({cell}): {this.iterations:,} steps, "
+            f"{_millions(this.prompts_train)} prompts in training and {_millions(this.prompts_test)} at test time"
+        )
     out.append("")
     out += data_lines(plan)
     return out

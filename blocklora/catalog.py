@@ -1,7 +1,8 @@
 """The registered methods as data, for what must not import torch: the workflow and the listings.
 
 ``blocklora/methods/catalog.json`` holds, for each method in ``blocklora/methods/``, its summary,
-defaults, declared hyper-parameter types and flags (``class_agnostic``, ``needs_fewshot``). It is
+defaults, its rules for values that depend on the dataset or the shot count (``when``), declared
+hyper-parameter types and flags (``class_agnostic``, ``needs_fewshot``). It is
 generated from the registry by ``blocklora methods --write-catalog`` and a test fails while it is
 stale. A method living outside the package (``module:`` in config.yaml) is not in it: the workflow
 then checks its hyper-parameters when its first job starts.
@@ -19,7 +20,7 @@ CATALOG_FILE = Path(__file__).with_name("methods") / "catalog.json"
 
 @cache
 def load_catalog() -> dict[str, dict[str, Any]]:
-    """``{method: {summary, defaults, types, class_agnostic, needs_fewshot}}`` of the built-in methods."""
+    """``{method: {summary, defaults, when, types, class_agnostic, needs_fewshot}}`` of the built-in methods."""
     return json.loads(CATALOG_FILE.read_text())
 
 
@@ -33,6 +34,7 @@ def build_catalog() -> dict[str, dict[str, Any]]:
         catalog[name] = {
             "summary": method.summary,
             "defaults": method.all_defaults(),
+            "when": method.when,
             "types": method.all_types(),
             "class_agnostic": method.class_agnostic,
             "needs_fewshot": method.needs_fewshot,

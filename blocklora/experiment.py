@@ -176,7 +176,7 @@ def run_experiment(
     """
     if shots is not None and shots <= 0:
         raise ValueError(f"shots must be a positive integer, got {shots}")
-    method_cls, hp = configured_method(method, module, hparams)
+    method_cls, hp = configured_method(method, module, hparams, dataset=dataset, shots=shots)
     if method_cls.needs_fewshot and (shots is None or seed is None):
         raise ValueError(f"method {method!r} learns from the few-shot set: give its shots and seed")
     shots, seed = (shots, seed) if method_cls.needs_fewshot else (shots or 0, seed or 0)
@@ -294,8 +294,11 @@ def run_transfer(
     cache_dir: str | Path | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a method trained on ``source`` (its saved state) on ``target``'s full test split."""
-    method_cls, hp = configured_method(method, module, hparams)
+    """Evaluate a method trained on ``source`` (its saved state) on ``target``'s full test split.
+
+    Its hyper-parameters are those it trained with: resolved for ``source`` and ``shots``.
+    """
+    method_cls, hp = configured_method(method, module, hparams, dataset=source, shots=shots)
     if method_cls.needs_fewshot and (shots is None or seed is None):
         raise ValueError(f"method {method!r} learned from a few-shot set: give its shots and seed")
     shots, seed = (shots, seed) if method_cls.needs_fewshot else (shots or 0, seed or 0)

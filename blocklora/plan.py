@@ -6,9 +6,10 @@ dataset, the shot count and the seed, and lives in a folder that reads as such::
 
     runs/<backbone>_<weights>/<dataset>/<method>-<hash>/shots<K>_seed<S>/record.json
 
-``<hash>`` is a short sha256 of the library method and its resolved hyper-parameters (defaults and
-overrides: ``blocklora_n8`` and ``blocklora`` with the same values are one run); the record holds the
-full configuration. A method that learns nothing from the few-shot set (zero-shot CLIP) runs once per
+``<hash>`` is a short sha256 of the library method and the hyper-parameters the run resolves to
+(defaults, overrides, and the ``when`` rules that apply to its dataset and shot count:
+``blocklora_n8`` and ``blocklora`` with the same values are one run, and a rule for one dataset
+leaves the runs of the others where they were); the record holds the full configuration. A method that learns nothing from the few-shot set (zero-shot CLIP) runs once per
 dataset, in ``…/<method>-<hash>/any_shots/``, and the tables show it under every shot count. A
 transfer (a trained run tested on another dataset) lives among the target's runs in
 ``…/<cell>_from_<source>/``; a profile in ``profile/<backbone>_<weights>/<method>-<hash>/classes<C>.json``.
@@ -340,21 +341,48 @@ class Plan:
         methods = self.config["suites"][suite]["methods"]
         return list(self.config["methods"]) if methods == "all" else list(methods)
 
-    def method_setup(self, suite: str, entry: str) -> MethodSetup:
-        """One entry of ``methods:`` as ``suite`` configures it, its hyper-parameters checked."""
+    def method_setup(
+        self, suite: str, entry: str, dataset: str | None = None, shots: int | None = None
+    ) -> MethodSetup:
+        """One entry of ``methods:`` as ``suite`` configures it for a run on ``dataset`` with ``shots``
+        (rules of ``when`` applied; none for a profile), its hyper-parameters checked."""
         spec = self.config["methods"][entry]
         library, module = spec.get("method", entry), spec.get("module")
         overrides = {k: v for k, v in spec.items() if k not in METHOD_KEYS}
-        overrides.update(self.config["suites"][suite].get("hparams", {}).get(entry, {}))
+        suite_overrides = dict(self.config["suites"][suite].get("hparams", {}).get(entry, {}))
         where = f"suite {suite!r}, method entry {entry!r}"
+        rules = []  # the entry's, then the suite's
+        for given in (overrides.pop(hp_types.WHEN, None), suite_overrides.pop(hp_types.WHEN, None)):
+            if given is not None and not isinstance(given, list):
+                raise ConfigError(
+                    f"{where}: `when` of method {library!r} takes a list of rules, got {given!r}"
+                )
+            rules += given or []
+        overrides.update(suite_overrides)
         if module:  # not in the catalog: checked when its first job starts
-            return MethodSetup(library, module, _canonical(overrides), _canonical(overrides))
+            given = {**overrides, hp_types.WHEN: rules} if rules else overrides
+            return MethodSetup(library, module, _canonical(given), _canonical(given))
         known = self.catalog[library]
         try:
-            resolved = hp_types.resolve(library, known["defaults"], known["types"], overrides, where=where)
+            checked = hp_types.check_rules(library, rules, known["defaults"], known["types"], where=where)
+            self._check_rule_datasets(checked, where)
+            if rules:
+                overrides[hp_types.WHEN] = rules
+            resolved = hp_types.resolve(
+                library,
+                known["defaults"],
+                known["types"],
+                overrides,
+                where=where,
+                rules=known["when"],
+                dataset=dataset,
+                shots=shots,
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        typed = {k: resolved[k] for k in overrides}
+        typed = {k: resolved[k] for k in overrides if k != hp_types.WHEN}
+        if checked:
+            typed[hp_types.WHEN] = checked
         return MethodSetup(
             library,
             None,
@@ -363,6 +391,16 @@ class Plan:
             needs_fewshot=known["needs_fewshot"],
             class_agnostic=known["class_agnostic"],
         )
+
+    def _check_rule_datasets(self, rules: list[dict[str, Any]], where: str) -> None:
+        """A rule naming a dataset the config does not know would silently never apply."""
+        for number, rule in enumerate(rules, 1):
+            for dataset in rule.get("dataset", []):
+                if dataset not in self.config["datasets"]:
+                    raise ConfigError(
+                        f"{where}: rule {number} of `when` names unknown dataset {dataset!r}; "
+                        f"known datasets (config `datasets:`): {_known(self.config['datasets'])}"
+                    )
 
     # -------------------------------------------------------------- expansion
 
@@ -399,7 +437,7 @@ class Plan:
             )
             for dataset in datasets:
                 for shots, seed in cells:
-                    run = Run(setup, method, dataset, shots, seed)
+                    run = Run(setup, self.method_setup(name, entry, dataset, shots), dataset, shots, seed)
                     plan.runs.append((entry, run))
                     for target in targets:
                         self._check_transfer(name, entry, method, dataset, target)

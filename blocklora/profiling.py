@@ -128,14 +128,9 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def has_generic_step(method: Method | type[Method]) -> bool:
-    """True when the method has a training step for the generic loop: it implements ``train_logits``.
-
-    Methods that train otherwise (on cached features, or not at all, such as ``zeroshot`` and
-    ``clip_adapter``) leave :meth:`Method.train_logits` alone. A method may wrap the generic loop
-    in its own ``fit`` (``coop`` does) and still counts.
-    """
+    """True when the method has a training step for the generic loop (:meth:`Method.trains_with_loop`)."""
     cls = method if isinstance(method, type) else type(method)
-    return cls.train_logits is not Method.train_logits
+    return cls.trains_with_loop()
 
 
 # ------------------------------------------------------------------ profiling one method

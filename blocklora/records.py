@@ -22,7 +22,8 @@ REQUIRED = ("method", "dataset", "shots", "seed", "backbone", "accuracy")
 # refuses to mix records of different versions unless told to. docs/protocol.md describes the current one.
 # 2: ImageNet's few-shot val drawn from train; q, k, v with their own dropout masks on the fused path;
 #    zero-shot runs carry no shots and no seed.
-PROTOCOL_VERSION = 2
+# 3: CoOp trains with Dassl's loop (epochs that drop their last partial batch, cosine per epoch).
+PROTOCOL_VERSION = 3
 PACKAGES = ("blocklora", "torch", "torchvision", "open_clip_torch", "numpy", "snakemake")
 
 

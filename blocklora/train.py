@@ -1,4 +1,8 @@
-"""One generic training loop (docs/protocol.md §2): iterations, AdamW or SGD, cosine, AMP, NaN guard."""
+"""One generic training loop: a schedule of steps, AdamW, Adam or SGD, cosine, AMP, NaN guard.
+
+Two schedules (:class:`Schedule`): CLIP-LoRA's iterations (docs/protocol.md §2), and Dassl's epochs,
+which CoOp and the methods built on its trainer follow (docs/protocol.md §6).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,13 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from blocklora.data.loading import DeviceAugment, decode_uint8
@@ -55,29 +59,28 @@ def compile_options(setting: Any, backend: str = "inductor") -> dict[str, Any] |
 
 def loss_function(
     method, precision: Precision, device: torch.device, *, compiled: bool = True
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(images, labels) -> loss``: ``method.train_logits`` and cross-entropy under autocast.
+) -> Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(images, labels) -> loss terms``: ``method.train_losses`` under autocast.
 
     Compiled as the method's ``compile`` hyper-parameters say (shapes static: a run sees at most
     two batch sizes, the full one and the last of an epoch); ``compiled=False`` forces eager, as
     FLOP counting needs.
     """
 
-    def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         with precision.autocast(device):
-            logits = method.train_logits(images)
-            return F.cross_entropy(logits.float(), labels)
+            return method.train_losses(images, labels)
 
     options = compile_options(method.hp["compile"], method.hp["compile_backend"])
     if not compiled or options is None:
         return loss
     traced = torch.compile(loss, **options)
 
-    def compiled_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def compiled_loss(images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         # Under CUDA graphs an output lives in memory the next replay overwrites: each call is a
-        # new step, and the loss is cloned because the loop keeps it past the next step.
+        # new step, and the losses are cloned because the loop keeps them past the next step.
         torch.compiler.cudagraph_mark_step_begin()
-        return traced(images, labels).clone()
+        return {name: value.clone() for name, value in traced(images, labels).items()}
 
     return compiled_loss
 
@@ -90,28 +93,134 @@ def cosine_lr(step: int, *, total: int, base: float, eta_min: float, warmup: int
     return eta_min + (base - eta_min) * (1 + math.cos(math.pi * min(step - warmup, span) / span)) / 2
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The optimizer steps of a run: how many, how the batches are drawn, and each step's learning rate.
+
+    ``steps_per_epoch=None``: CLIP-LoRA's iterations. ``total`` steps of endless shuffled batches
+    (each pass over the set a new permutation, its last batch kept whole), the learning rate
+    constant at ``warmup_lr`` for ``warmup`` steps, then cosine from ``base`` to ``eta_min``
+    stepped every iteration (:func:`cosine_lr`).
+
+    Otherwise Dassl's epochs (:meth:`dassl`): each epoch a new permutation cut into
+    ``steps_per_epoch`` batches (its last partial batch dropped once the set holds a full batch),
+    the learning rate constant at ``warmup_lr`` for the first ``warmup`` epochs, then set once per
+    epoch by ``CosineAnnealingLR(T_max=epochs)`` started after the warm-up, so that it never
+    reaches ``eta_min``.
+    """
+
+    total: int
+    batch_size: int
+    base: float
+    eta_min: float
+    warmup: int
+    warmup_lr: float
+    steps_per_epoch: int | None = None
+    drop_last: bool = False
+
+    @classmethod
+    def iterations(cls, total: int, hp: Mapping[str, Any]) -> Schedule:
+        """CLIP-LoRA's schedule of ``total`` steps (``warmup_iterations`` of them at ``warmup_lr``)."""
+        return cls(
+            total=int(total),
+            batch_size=int(hp["batch_size"]),
+            base=float(hp["lr"]),
+            eta_min=float(hp["eta_min"]),
+            warmup=int(hp.get("warmup_iterations") or 0),
+            warmup_lr=float(hp.get("warmup_lr", 0.0)),
+        )
+
+    @classmethod
+    def dassl(cls, epochs: int, images: int, hp: Mapping[str, Any]) -> Schedule:
+        """Dassl's schedule of ``epochs`` epochs over ``images`` training images (``warmup_epochs`` at
+        ``warmup_lr``), as its data manager and ``build_lr_scheduler`` make it."""
+        batch = int(hp["batch_size"])
+        if images < 1:
+            raise ValueError("the few-shot training set is empty")
+        drop_last = images >= batch
+        steps = images // batch if drop_last else 1
+        return cls(
+            total=int(epochs) * steps,
+            batch_size=batch,
+            base=float(hp["lr"]),
+            eta_min=float(hp["eta_min"]),
+            warmup=int(hp["warmup_epochs"]),
+            warmup_lr=float(hp["warmup_lr"]),
+            steps_per_epoch=steps,
+            drop_last=drop_last,
+        )
+
+    @property
+    def epochs(self) -> int | None:
+        return None if self.steps_per_epoch is None else self.total // self.steps_per_epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        """Optimizer steps taken at ``warmup_lr``."""
+        return self.warmup if self.steps_per_epoch is None else self.warmup * self.steps_per_epoch
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based)."""
+        if self.steps_per_epoch is None:
+            return cosine_lr(
+                step, total=self.total, base=self.base, eta_min=self.eta_min, warmup=self.warmup,
+                warmup_lr=self.warmup_lr,
+            )  # fmt: skip
+        epoch = step // self.steps_per_epoch
+        if epoch < self.warmup:
+            return self.warmup_lr
+        cosine = (1 + math.cos(math.pi * (epoch - self.warmup) / self.epochs)) / 2
+        return self.eta_min + (self.base - self.eta_min) * cosine
+
+    def describe(self) -> dict[str, Any]:
+        """What the record keeps of it."""
+        if self.steps_per_epoch is None:
+            return {"schedule": "iterations", "warmup_iterations": self.warmup}
+        return {
+            "schedule": "dassl",
+            "epochs": self.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "drop_last": self.drop_last,
+            "warmup_iterations": self.warmup_steps,
+        }
+
+
 def make_optimizer(params: list[torch.nn.Parameter], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    """``adamw`` (decoupled weight decay), ``adam`` (Dassl's: weight decay as an L2 term) or ``sgd``."""
     if hp["optimizer"] == "adamw":
         return torch.optim.AdamW(
             params, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"]
         )
+    if hp["optimizer"] == "adam":
+        return torch.optim.Adam(
+            params, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"]
+        )
     if hp["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
-    raise ValueError(f"unknown optimizer {hp['optimizer']!r}: use adamw or sgd")
+    raise ValueError(f"unknown optimizer {hp['optimizer']!r}: use adamw, adam or sgd")
 
 
 class BatchSampler:
-    """Endless shuffled batches of indices: a new permutation each pass, last batch kept whole."""
+    """Shuffled batches of indices, a new permutation each pass over the set.
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+    The last batch of a pass is kept whole, or, with ``drop_last``, the images that do not fill
+    one are left out of that pass (Dassl's loader).
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool = False
+    ) -> None:
         if n == 0:
             raise ValueError("the few-shot training set is empty")
         self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.drop_last = drop_last and n >= batch_size
         self.order: list[int] = []
 
     def next(self) -> list[int]:
         if not self.order:
             self.order = torch.randperm(self.n, generator=self.generator).tolist()
+            if self.drop_last:
+                self.order = self.order[: self.n // self.batch_size * self.batch_size]
         batch, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
         return batch
 
@@ -157,11 +266,11 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] |
 
 
 class TrainStep:
-    """One iteration of the generic loop: the method's loss under autocast, a scaled backward, an
-    optimizer step. The loop trains with it and the profiler times it, so both run the same step.
+    """One iteration of the generic loop: the method's losses under autocast, its backward (scaled),
+    an optimizer step. The loop trains with it and the profiler times it, so both run the same step.
 
-    The loss is compiled as the method's ``compile`` hyper-parameters say (a bad setting stops
-    here, before any image is decoded); :meth:`forward_backward` runs it eagerly, for FLOP counting.
+    The losses are compiled as the method's ``compile`` hyper-parameters say (a bad setting stops
+    here, before any image is decoded); :meth:`forward_backward` runs them eagerly, for FLOP counting.
     """
 
     def __init__(self, method, precision: Precision, device: torch.device) -> None:
@@ -183,18 +292,18 @@ class TrainStep:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimization step; returns the (detached) loss."""
-        loss = self.loss(images, labels)
+        """One optimization step; returns the (detached) loss the loop logs."""
+        losses = self.loss(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.method.backward(losses, self.scaler, self.params)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach()
+        return losses["loss"].detach()
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Forward and backward only, eagerly (what FLOPs are counted on); gradients are dropped."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(self.eager_loss(images, labels)).backward()
+        self.method.backward(self.eager_loss(images, labels), self.scaler, self.params)
         self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
@@ -204,14 +313,15 @@ class TrainStep:
 
 
 def train_loop(method, run: RunContext) -> dict[str, Any]:
-    """Optimize ``method.trainable_parameters()`` on ``method.train_logits`` for its iterations.
+    """Optimize ``method.trainable_parameters()`` on ``method.train_losses`` along ``method.schedule()``.
 
     With ``run.checkpoint`` set and ``checkpoint_every > 0``, the trainable tensors, optimizer,
     scaler, sampler and RNG states are saved every ``checkpoint_every`` iterations, and a rerun
     resumes from there: on CPU it ends with exactly the metrics of an uninterrupted run.
     """
     hp, task, device = method.hp, method.task, run.device
-    iterations = method.iterations()
+    schedule = method.schedule()
+    iterations = schedule.total
     started = time.perf_counter()
     precision = run.precision(hp)
     step = TrainStep(method, precision, device)
@@ -227,14 +337,7 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
         generator=generator,
     )
     labels = torch.tensor([int(e[1]) for e in task.train], device=device)
-    sampler = BatchSampler(len(images), hp["batch_size"], generator)
-    schedule = {
-        "total": iterations,
-        "base": hp["lr"],
-        "eta_min": hp["eta_min"],
-        "warmup": hp["warmup_iterations"],
-        "warmup_lr": hp["warmup_lr"],
-    }
+    sampler = BatchSampler(len(images), schedule.batch_size, generator, drop_last=schedule.drop_last)
     losses: list[torch.Tensor] = []
     start_step = 0
     every = int(hp.get("checkpoint_every") or 0)
@@ -269,7 +372,7 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
     )
     log_every = max(1, int(hp["log_every"]))  # 0 logs every iteration
     for iteration in range(start_step, iterations):
-        step.set_lr(cosine_lr(iteration, **schedule))
+        step.set_lr(schedule.lr(iteration))
         index = sampler.next()
         loss = step(augment(index), labels[index])
         first_bad = torch.where(
@@ -308,6 +411,7 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
         "loss_first": float(curve[:window].mean()) if len(curve) else None,
         "loss_last": float(curve[-window:].mean()) if len(curve) else None,
         "precision": precision.name,
+        **schedule.describe(),
     }
 
 

@@ -42,14 +42,14 @@ def test_hyper_parameters_arriving_as_text_are_typed_by_the_methods_defaults():
     cfg = config()
     cfg["suites"]["paper"]["hparams"] = {
         "lora": {"lr": "0.001", "rank": "4", "iterations": "null", "crop_scale": "[0.5, 1.0]"},
-        "coop": {"compile": "reduce-overhead", "iterations": "12"},
+        "coop": {"compile": "reduce-overhead", "epochs": "12"},
     }
     plan = Plan(cfg)
     lora = plan.method_setup("paper", "lora").overrides
     assert lora["lr"] == 0.001 and lora["rank"] == 4 and lora["iterations"] is None
     assert lora["crop_scale"] == [0.5, 1.0]
     coop = plan.method_setup("paper", "coop").overrides
-    assert coop == {"compile": "reduce-overhead", "iterations": 12}
+    assert coop == {"compile": "reduce-overhead", "epochs": 12}
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,40 @@ def test_hyper_parameters_arriving_as_text_are_typed_by_the_methods_defaults():
         ("lora", {"rnak": 4}, r"unknown hyper-parameter\(s\) \['rnak'\] for method 'lora'"),
         ("lora", {"lr": "fast"}, r"hyper-parameter 'lr' of method 'lora': expected float, got 'fast'"),
         ("linear_probe", {"C": [1]}, r"hyper-parameter 'C' of method 'linear_probe': expected float or null"),
-        ("coop", {"epochs": 1.5}, r"'epochs' of method 'coop': expected int or null, got 1.5"),
+        ("coop", {"epochs": 1.5}, r"'epochs' of method 'coop': expected int, got 1.5"),
+        ("coop", {"iterations": 10}, r"unknown hyper-parameter\(s\) \['iterations'\] for method 'coop'"),
+        ("prograd", {"when": {"shots": 8}}, r"`when` of method 'prograd' takes a list of rules"),
+        ("prograd", {"when": [{"shots": 8}]}, r"rule 1 of `when`: `set` must name the hyper-parameters"),
+        (
+            "prograd",
+            {"when": [{"set": {"lambda": 0.5}}]},
+            r"rule 1 of `when`: name the `dataset` or the `shots`",
+        ),
+        (
+            "prograd",
+            {"when": [{"shot": 8, "set": {"lambda": 0.5}}]},
+            r"rule 1 of `when`: unknown key\(s\) \['shot'\]",
+        ),
+        (
+            "prograd",
+            {"when": [{"shots": 8, "set": {"lamda": 0.5}}]},
+            r"unknown hyper-parameter\(s\) \['lamda'\]",
+        ),
+        (
+            "prograd",
+            {"when": [{"shots": 8, "set": {"lambda": "high"}}]},
+            r"'lambda' of method 'prograd': expected float",
+        ),
+        (
+            "prograd",
+            {"when": [{"shots": "eight", "set": {"lambda": 0.5}}]},
+            r"`shots` of a `when` rule takes a int",
+        ),
+        (
+            "taskres",
+            {"when": [{"dataset": "imagnet", "set": {"lr": 0.1}}]},
+            r"rule 1 of `when` names unknown dataset 'imagnet'",
+        ),
     ],
 )
 def test_a_wrong_hyper_parameter_is_an_error_naming_suite_entry_and_key(entry, overrides, message):
@@ -137,7 +170,60 @@ def test_the_rehearsal_overlays_the_real_suites():
         assert lora["iterations"] == 2
     # the real suites' names, datasets, methods and transfers are all kept
     assert plan.suites["paper"].datasets == CONFIG["suites"]["paper"]["datasets"]
-    assert len(plan.suites["domain_generalization"].transfers) == 8 * 4
+    assert len(plan.suites["domain_generalization"].transfers) == 11 * 4
+
+
+def _paper_runs(plan: Plan, entry: str) -> dict[tuple[str, int], object]:
+    return {
+        (run.dataset, run.shots): run
+        for label, run in plan.suites["paper"].runs
+        if label == entry and run.seed == 1
+    }
+
+
+def test_values_set_per_dataset_and_shot_count_reach_exactly_their_runs():
+    runs = _paper_runs(Plan(config()), "prograd")
+    lam = {cell: run.method.hparams["lambda"] for cell, run in runs.items()}
+    assert lam[("dtd", 8)] == lam[("eurosat", 16)] == lam[("oxford_flowers", 8)] == 0.8  # ProGrad's README
+    assert lam[("dtd", 4)] == lam[("caltech101", 16)] == 1.0
+    epochs = {cell: run.method.hparams["epochs"] for cell, run in runs.items()}
+    assert (epochs[("dtd", 1)], epochs[("dtd", 2)], epochs[("dtd", 8)], epochs[("imagenet", 16)]) == (
+        50,
+        100,
+        200,
+        50,
+    )
+    taskres = _paper_runs(Plan(config()), "taskres")
+    assert (
+        taskres[("imagenet", 4)].method.hparams["lr"] == 2e-4
+        and taskres[("dtd", 4)].method.hparams["lr"] == 2e-3
+    )
+    assert taskres[("oxford_flowers", 1)].method.hparams["alpha"] == 1.0
+
+
+def test_config_rules_win_over_the_methods_own_and_move_only_the_runs_they_change():
+    before = _paper_runs(Plan(config()), "prograd")
+    cfg = config()
+    # a flat value beats the method's rules; the config's rules beat the flat value
+    cfg["methods"]["prograd"] = {
+        "lambda": 0.9,
+        "when": [{"dataset": "dtd", "shots": ["16"], "set": {"lambda": "0.5"}}],
+    }
+    after = _paper_runs(Plan(cfg), "prograd")
+    assert after[("dtd", 16)].method.hparams["lambda"] == 0.5
+    assert (
+        after[("dtd", 8)].method.hparams["lambda"] == after[("caltech101", 1)].method.hparams["lambda"] == 0.9
+    )
+    # the job resolves the same values from the overrides it is given
+    from blocklora.methods import get_method, resolve_hparams
+
+    job = after[("dtd", 16)].method
+    assert resolve_hparams(get_method("prograd"), job.overrides, dataset="dtd", shots=16) == job.hparams
+    # a rule for one dataset leaves the runs of the others where they were
+    cfg["methods"]["prograd"] = {"when": [{"dataset": "dtd", "set": {"temperature": 2.0}}]}
+    ruled = _paper_runs(Plan(cfg), "prograd")
+    assert ruled[("dtd", 4)].folder != before[("dtd", 4)].folder
+    assert ruled[("eurosat", 4)].folder == before[("eurosat", 4)].folder
 
 
 def test_coerce_reads_each_spec():

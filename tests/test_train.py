@@ -395,15 +395,18 @@ def test_cosine_schedule_warms_up_then_anneals_over_what_is_left():
         cosine_lr(0, 10, 1.0, 0.1, 2, 0.01)  # keyword-only: no mixing up total, base and eta_min
 
 
-def test_the_optimizer_is_adamw_or_sgd_with_its_settings():
+def test_the_optimizer_is_adamw_adam_or_sgd_with_its_settings():
     params = [torch.nn.Parameter(torch.zeros(2))]
     hp = {"lr": 0.1, "betas": [0.8, 0.9], "eps": 1e-6, "weight_decay": 0.01, "momentum": 0.7}
     adamw = make_optimizer(params, {**hp, "optimizer": "adamw"})
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.9)
+    adam = make_optimizer(params, {**hp, "optimizer": "adam"})  # Dassl's: weight decay as an L2 term
+    assert type(adam) is torch.optim.Adam and adam.defaults["weight_decay"] == 0.01
+    assert not adam.defaults["decoupled_weight_decay"]
     sgd = make_optimizer(params, {**hp, "optimizer": "sgd"})
     assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.7
-    with pytest.raises(ValueError, match="unknown optimizer 'adam': use adamw or sgd"):
-        make_optimizer(params, {**hp, "optimizer": "adam"})
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb': use adamw, adam or sgd"):
+        make_optimizer(params, {**hp, "optimizer": "lamb"})
 
 
 def test_the_batch_sampler_draws_every_image_once_per_pass():
@@ -414,6 +417,88 @@ def test_the_batch_sampler_draws_every_image_once_per_pass():
     assert BatchSampler(1, 4, torch.Generator()).next() == [0]  # one shot of one class
     with pytest.raises(ValueError, match="the few-shot training set is empty"):
         BatchSampler(0, 4, torch.Generator())
+
+
+@pytest.mark.parametrize(("n", "batch"), [(5, 2), (7, 7), (3, 4)])
+def test_dropping_the_last_batch_leaves_out_what_does_not_fill_one(n, batch):
+    sampler = BatchSampler(n, batch, torch.Generator().manual_seed(0), drop_last=True)
+    per_epoch = n // batch if n >= batch else 1
+    epochs = [[sampler.next() for _ in range(per_epoch)] for _ in range(4)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [min(batch, n)] * per_epoch
+        drawn = [i for b in batches for i in b]
+        assert len(set(drawn)) == len(drawn)  # no image twice in an epoch
+    assert len({tuple(i for b in batches for i in b) for batches in epochs}) > 1  # a new draw each epoch
+
+
+class _ConstantWarmup(torch.optim.lr_scheduler.LRScheduler):
+    """Dassl's ConstantWarmupScheduler (dassl/optim/lr_scheduler.py), written out again."""
+
+    def __init__(self, optimizer, successor, warmup_epoch, cons_lr):
+        self.successor, self.warmup_epoch, self.cons_lr = successor, warmup_epoch, cons_lr
+        super().__init__(optimizer)
+
+    def step(self, epoch=None):
+        if self.last_epoch >= self.warmup_epoch:
+            self.successor.step(epoch)
+            self._last_lr = self.successor.get_last_lr()
+        else:
+            super().step(epoch)
+
+    def get_lr(self):
+        if self.last_epoch >= self.warmup_epoch:
+            return self.successor.get_last_lr()
+        return [self.cons_lr for _ in self.base_lrs]
+
+
+def _dassl_rates(
+    images: int, batch: int, epochs: int, warmup: int, lr: float, warmup_lr: float
+) -> list[float]:
+    """The learning rate of every step of Dassl's TrainerX: its loader's batches (drop_last once the set
+    holds a full batch), build_lr_scheduler's cosine after a constant warm-up, stepped after each epoch."""
+    loader = torch.utils.data.DataLoader(
+        range(images), batch_size=batch, shuffle=True, drop_last=images >= batch
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(epochs))
+    scheduler = _ConstantWarmup(optimizer, cosine, warmup, warmup_lr) if warmup > 0 else cosine
+    rates = []
+    for _ in range(epochs):
+        rates += [optimizer.param_groups[0]["lr"] for _ in loader]
+        optimizer.step()  # (no gradient: nothing moves; the order torch expects)
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize(
+    ("images", "batch", "epochs", "warmup"),
+    [
+        (37, 32, 50, 1),
+        (64, 32, 10, 1),
+        (400, 32, 200, 1),
+        (10, 32, 5, 1),
+        (16, 1, 10, 1),
+        (100, 256, 7, 2),
+        (65, 8, 4, 0),
+    ],
+)
+def test_the_dassl_schedule_takes_dassls_steps_at_dassls_learning_rates(images, batch, epochs, warmup):
+    hp = {"batch_size": batch, "lr": 0.002, "eta_min": 0.0, "warmup_epochs": warmup, "warmup_lr": 1e-5}
+    schedule = train.Schedule.dassl(epochs, images, hp)
+    expected = _dassl_rates(images, batch, epochs, warmup, 0.002, 1e-5)
+    assert schedule.total == len(expected)
+    assert [schedule.lr(step) for step in range(schedule.total)] == pytest.approx(
+        expected, rel=1e-12, abs=1e-15
+    )
+
+
+def test_the_dassl_schedule_halves_the_steps_of_keeping_the_last_batch():
+    """The counts CoOp's official runs take: e.g. 1-shot OxfordPets (37 images, 50 epochs) and 8-shot
+    EuroSAT (80 images, 200 epochs)."""
+    hp = {"batch_size": 32, "lr": 0.002, "eta_min": 0.0, "warmup_epochs": 1, "warmup_lr": 1e-5}
+    assert train.Schedule.dassl(50, 37, hp).total == 50  # keeping the last batch: 100
+    assert train.Schedule.dassl(100, 40, hp).total == 100  # 4-shot EuroSAT: 200
+    assert train.Schedule.dassl(200, 80, hp).total == 400  # 8-shot EuroSAT: 600
 
 
 def test_flops_are_counted_on_the_eager_step_when_training_compiles(
@@ -440,6 +525,33 @@ def test_flops_are_counted_on_the_eager_step_when_training_compiles(
     assert not torch._dynamo.utils.counters["stats"]["calls_captured"]  # nothing traced
     step(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
     assert torch._dynamo.utils.counters["stats"]["calls_captured"]  # the training step is
+
+
+def test_a_dassl_method_trains_its_schedules_steps_at_its_rates(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, monkeypatch
+):
+    rates: list[float] = []
+    sizes: list[int] = []
+    original = TrainStep.__call__
+
+    def recorded(self, images, labels):
+        rates.append(self.optimizer.param_groups[0]["lr"])
+        sizes.append(len(labels))
+        return original(self, images, labels)
+
+    monkeypatch.setattr(TrainStep, "__call__", recorded)
+    hp = {"epochs": 4, "batch_size": 20, "lr": 0.01, "warmup_lr": 1e-4}
+    record = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "coop", hp)
+    assert sizes == [20, 20] * 4  # 48 images: two full batches an epoch, the 8 left over dropped
+    assert rates == pytest.approx(_dassl_rates(48, 20, 4, 1, 0.01, 1e-4))
+    assert record["iterations"] == 8
+    stats = record["train_stats"]
+    assert (stats["schedule"], stats["epochs"], stats["steps_per_epoch"], stats["drop_last"]) == (
+        "dassl",
+        4,
+        2,
+        True,
+    )
 
 
 def test_every_step_runs_at_the_scheduled_learning_rate(

@@ -3,7 +3,8 @@
 Modules in ``blocklora/methods/`` are discovered on first lookup; a method living elsewhere is
 loaded by naming its module (``module=`` here, ``module:`` in config.yaml). A method module
 imports what it builds on (:mod:`~blocklora.methods.base`, :mod:`~blocklora.methods.frozen`,
-:mod:`~blocklora.methods.registry`), never this package's other methods.
+:mod:`~blocklora.methods.prompting`, :mod:`~blocklora.methods.registry`), never this package's
+other methods.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from blocklora.methods.frozen import FeatureMethod
 from blocklora.methods.registry import REGISTRY, register_method
 
 # Modules of this package that define no method: what methods are built from.
-FOUNDATIONS = ("base", "frozen", "registry")
+FOUNDATIONS = ("base", "frozen", "prompting", "registry")
 _discovered = False
 
 
@@ -51,16 +52,37 @@ def method_names() -> list[str]:
 
 
 def configured_method(
-    name: str, module: str | None = None, overrides: dict[str, Any] | None = None
+    name: str,
+    module: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    dataset: str | None = None,
+    shots: int | None = None,
 ) -> tuple[type[Method], dict[str, Any]]:
-    """The method class registered as ``name`` and its resolved hyper-parameters (defaults + overrides)."""
+    """The method class registered as ``name`` and its hyper-parameters for a run on ``dataset``
+    with ``shots`` (:func:`resolve_hparams`)."""
     method = get_method(name, module)
-    return method, resolve_hparams(method, overrides)
+    return method, resolve_hparams(method, overrides, dataset=dataset, shots=shots)
 
 
-def resolve_hparams(method: type[Method], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The method's defaults updated by ``overrides``, checked and coerced (:func:`blocklora.hparams.resolve`)."""
-    return hparams.resolve(method.name, method.all_defaults(), method.all_types(), overrides)
+def resolve_hparams(
+    method: type[Method],
+    overrides: dict[str, Any] | None = None,
+    *,
+    dataset: str | None = None,
+    shots: int | None = None,
+) -> dict[str, Any]:
+    """The method's defaults, its rules for ``dataset`` and ``shots``, then ``overrides`` (with their
+    own ``when`` rules), checked and coerced (:func:`blocklora.hparams.resolve`)."""
+    return hparams.resolve(
+        method.name,
+        method.all_defaults(),
+        method.all_types(),
+        overrides,
+        rules=method.when,
+        dataset=dataset,
+        shots=shots,
+    )
 
 
 __all__ = [

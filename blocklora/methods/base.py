@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from blocklora.clip import Backbone
 from blocklora.io import read_tensors, write_tensors
-from blocklora.train import train_loop
+from blocklora.train import Schedule, train_loop
 
 Entry = tuple[str, int, str]  # [relative image path, label, class name], as in CoOp split files
 
@@ -44,6 +45,25 @@ EVAL_DEFAULTS: dict[str, Any] = {
 }
 # Types the defaults above do not show (see blocklora.hparams).
 TRAIN_TYPES: dict[str, str] = {"iterations": "int|null", "compile": "bool|str"}
+# Dassl's trainer (CoOp and the methods built on it): the hyper-parameters of its epochs and its
+# optimizer, as its defaults and CoOp's ViT-B/16 configs set them (docs/protocol.md §6).
+DASSL_DEFAULTS: dict[str, Any] = {
+    **{
+        k: v
+        for k, v in TRAIN_DEFAULTS.items()
+        if k not in ("iterations_per_shot", "iterations", "warmup_iterations")
+    },
+    "optimizer": "sgd",
+    "lr": 0.002,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "eta_min": 0.0,
+    "batch_size": 32,
+    "epochs": 200,
+    "warmup_epochs": 1,
+    "warmup_lr": 1e-5,
+    "crop_scale": [0.08, 1.0],
+}
 
 
 @dataclass
@@ -92,6 +112,9 @@ class Method:
     # False for a method that learns nothing from the few-shot set (zero-shot CLIP): its result
     # depends on neither shots nor seed, so it runs once per dataset.
     needs_fewshot: ClassVar[bool] = True
+    # Values that depend on the dataset or the shot count, as rules (blocklora.hparams): applied
+    # over the defaults, under what the config overrides.
+    when: ClassVar[list[dict[str, Any]]] = []
 
     def __init__(self, backbone: Backbone, task: FewShotTask, hparams: dict[str, Any]) -> None:
         self.backbone = backbone
@@ -132,13 +155,46 @@ class Method:
         """Modules outside the backbone that hold parameters (prompt learners, heads)."""
         return []
 
-    def iterations(self) -> int:
+    def schedule(self) -> Schedule:
+        """The steps of the generic loop: CLIP-LoRA's ``iterations`` (or ``iterations_per_shot`` × shots)."""
         if self.hp.get("iterations") is not None:
-            return int(self.hp["iterations"])
-        return int(self.hp.get("iterations_per_shot", 0)) * self.task.shots
+            total = int(self.hp["iterations"])
+        else:
+            total = int(self.hp.get("iterations_per_shot", 0)) * self.task.shots
+        return Schedule.iterations(total, self.hp)
+
+    @classmethod
+    def trains_with_loop(cls) -> bool:
+        """True when the method has a step of the generic loop: it implements :meth:`train_logits`
+        (or :meth:`train_losses`). Methods that train otherwise (on cached features, or not at all)
+        leave both alone; a method may wrap the loop in its own ``fit`` and still counts."""
+        return cls.train_logits is not Method.train_logits or cls.train_losses is not Method.train_losses
+
+    def iterations(self) -> int:
+        """Optimizer steps of the generic loop (0 for a method that trains otherwise)."""
+        return self.schedule().total if self.trains_with_loop() else 0
+
+    def text_passes(self) -> tuple[int, int]:
+        """Prompts this run puts through the text encoder (training, testing), for the plan's cost
+        estimate: by default every class prompt at every step of the generic loop, and once for the
+        test. Computed from the hyper-parameters and the task alone (no backbone needed)."""
+        classes = self.task.num_classes
+        return self.iterations() * classes, classes
 
     def train_logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"method {self.name!r} does not train with the generic loop")
+
+    def train_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms of one step; ``"loss"`` is what the loop minimizes and logs (by default the
+        cross-entropy of :meth:`train_logits`)."""
+        return {"loss": F.cross_entropy(self.train_logits(images).float(), labels)}
+
+    def backward(
+        self, losses: dict[str, torch.Tensor], scaler: torch.amp.GradScaler, params: list[nn.Parameter]
+    ) -> None:
+        """Put the gradients of one step into ``params``' ``.grad`` (scaled by ``scaler``): by default
+        the gradient of ``losses["loss"]``. A method that combines gradients (ProGrad) overrides it."""
+        scaler.scale(losses["loss"]).backward()
 
     def fit(self, run) -> dict[str, Any]:
         """Train; returns statistics for the record (the generic loop by default)."""
@@ -176,3 +232,20 @@ class Method:
     def text_features(self, template: str | None = None) -> torch.Tensor:
         """Normalized text features of every class prompt (``template``: default :meth:`prompt_template`)."""
         return self.backbone.encode_text(self.task.prompts(template or self.prompt_template()))
+
+
+class DasslTrained:
+    """Mixin of a method trained as Dassl's ``TrainerX`` trains it: ``epochs`` epochs over the few-shot
+    set (its last partial batch dropped once a full batch exists), a constant warm-up, then a cosine
+    set once per epoch (:meth:`blocklora.train.Schedule.dassl`). Its hyper-parameters start from
+    :data:`DASSL_DEFAULTS`.
+    """
+
+    hp: dict[str, Any]
+    task: FewShotTask
+
+    def schedule(self) -> Schedule:
+        return Schedule.dassl(int(self.hp["epochs"]), len(self.task.train), self.hp)
+
+    def iterations(self) -> int:
+        return self.schedule().total

@@ -73,14 +73,22 @@ def make_method(tiny_config, tiny_checkpoint, toy_dataset) -> Callable[..., tupl
     """(method instance after setup, run context) on the toy task, for unit tests."""
     images, fewshot = toy_dataset
 
-    def make(name: str, hparams: dict | None = None, *, shots: int = 12, seed: int = 1, cache_dir=None):
+    def make(
+        name: str,
+        hparams: dict | None = None,
+        *,
+        shots: int = 12,
+        seed: int = 1,
+        cache_dir=None,
+        dataset: str = "toy",
+    ):
         import torch
 
         cls = get_method(name)
         splits = read_split(fewshot)
         names = sorted({(int(e[1]), e[2]) for e in splits["train"]})
         task = FewShotTask(
-            dataset="toy",
+            dataset=dataset,
             classnames=[n for _, n in names],
             template="a photo of a {}.",
             train=splits["train"],
@@ -93,7 +101,8 @@ def make_method(tiny_config, tiny_checkpoint, toy_dataset) -> Callable[..., tupl
         torch.manual_seed(seed)
         backbone = load_backbone(tiny_config, str(tiny_checkpoint))
         backbone.model.requires_grad_(False)
-        method = cls(backbone, task, resolve_hparams(cls, {**FAST, **(hparams or {})}))
+        hp = resolve_hparams(cls, {**FAST, **(hparams or {})}, dataset=dataset, shots=shots)
+        method = cls(backbone, task, hp)
         method.setup()
         run = RunContext(device=torch.device("cpu"), seed=seed, progress=False, cache_dir=cache_dir)
         return method, run

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -12,9 +10,9 @@ TOY = {"epochs": 12, "batch_size": 16, "optimizer": "adamw", "lr": 1e-2, "weight
 def test_coop_trains_its_context_and_beats_chance(run_method):
     record = run_method("coop", TOY)
     assert record["trainable_params"] == 16 * 64  # 16 context vectors of the text width
-    assert record["iterations"] == 12 * math.ceil(48 / 16)
+    assert record["iterations"] == 12 * (48 // 16)
     stats = record["train_stats"]
-    assert stats["epochs"] == 12 and stats["warmup_iterations"] == 3
+    assert stats["epochs"] == 12 and stats["warmup_iterations"] == 3 and stats["schedule"] == "dassl"
     assert stats["loss_last"] < stats["loss_first"]
     assert record["accuracy"] >= 0.75  # 4 classes: chance is 0.25
 
@@ -23,7 +21,8 @@ def test_defaults_are_coops():
     hp = get_method("coop").all_defaults()
     assert (hp["optimizer"], hp["lr"], hp["momentum"], hp["weight_decay"]) == ("sgd", 0.002, 0.9, 5e-4)
     assert (hp["batch_size"], hp["n_ctx"], hp["ctx_std"], hp["warmup_lr"]) == (32, 16, 0.02, 1e-5)
-    assert "iterations_per_shot" not in hp
+    assert (hp["warmup_epochs"], hp["eta_min"], hp["ctx_init"]) == (1, 0.0, None)
+    assert not {"iterations_per_shot", "iterations", "warmup_iterations"} & set(hp)
 
 
 @pytest.mark.parametrize(
@@ -39,20 +38,17 @@ def test_defaults_are_coops():
         (16, "imagenet", 50),
     ],
 )
-def test_epochs_become_iterations_of_the_loop(make_method, shots, dataset, epochs):
-    method, _ = make_method("coop", shots=shots)
-    method.task.dataset = dataset
-    assert method.epochs() == epochs
-    per_epoch = math.ceil(48 / 32)  # the toy task has 48 training images
-    assert method.iterations() == epochs * per_epoch
-    assert method.warmup_iterations() == per_epoch  # one warm-up epoch
+def test_coops_epochs_per_shot_count_and_on_imagenet(make_method, shots, dataset, epochs):
+    method, _ = make_method("coop", shots=shots, dataset=dataset)
+    assert method.hp["epochs"] == epochs
+    schedule = method.schedule()
+    assert schedule.epochs == epochs and schedule.steps_per_epoch == 48 // 32  # the toy task: 48 images
+    assert method.iterations() == epochs * (48 // 32) and schedule.warmup_steps == 48 // 32
 
 
-def test_explicit_iterations_and_epochs_override_the_table(make_method):
-    method, _ = make_method("coop", {"epochs": 3, "batch_size": 10, "warmup_epochs": 2})
-    assert method.iterations() == 3 * 5 and method.hp["warmup_iterations"] == 2 * 5
-    method, _ = make_method("coop", {"iterations": 7})
-    assert method.iterations() == 7
+def test_explicit_epochs_override_the_table(make_method):
+    method, _ = make_method("coop", {"epochs": 3, "batch_size": 10, "warmup_epochs": 2}, shots=1)
+    assert method.iterations() == 3 * 4 and method.schedule().warmup_steps == 2 * 4
 
 
 def test_context_sits_between_the_start_token_and_the_class_name(make_method):

@@ -1,0 +1,53 @@
+"""The official prompt learners' computation written out plainly, for the methods' tests to compare with.
+
+As in CoOp's ``TextEncoder`` and ``PromptLearner`` (and every method built on them): prompts tokenized
+to the full context length, their token embeddings cut into the start token, the context and what
+follows, the text transformer run on all positions with the causal mask, the end token's state
+projected. Nothing here is imported from the package's methods.
+"""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+
+def tokenize(model_name: str, texts: list[str]) -> torch.Tensor:
+    """Token ids at the model's full context length (no cut to the longest prompt)."""
+    return open_clip.get_tokenizer(model_name)(texts)
+
+
+def prompt_embeddings(model, model_name: str, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, token embeddings) of ``texts`` at the full context length."""
+    tokens = tokenize(model_name, texts)
+    with torch.no_grad():
+        return tokens, model.token_embedding(tokens)
+
+
+def text_encoder(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """CoOp's TextEncoder.forward: unnormalized text features of prompt embeddings (N, L, width)."""
+    x = prompts + model.positional_embedding
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
+
+
+def spliced(prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+    """CoOp's construct_prompts: [SOS] ctx suffix for each class (ctx: (n_ctx, width) or (classes, n_ctx, width))."""
+    if ctx.dim() == 2:
+        ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
+    return torch.cat([prefix, ctx, suffix], dim=1)
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def image_features(model, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return normalized(model.encode_image(images))
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
