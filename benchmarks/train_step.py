@@ -4,10 +4,11 @@
     python benchmarks/train_step.py --small --device cpu # demo-tiny, a CPU-sized run
     python benchmarks/train_step.py --out results/benchmarks/train_step.json
 
-The step is the body of blocklora's training loop (autocast per precision, train_logits,
-cross-entropy, backward, optimizer step) on a fixed random batch; the backbone is randomly
+The step is the body of blocklora's training loop (autocast per precision, the method's losses,
+its backward, optimizer step) on a fixed random batch; the backbone is randomly
 initialised (timing does not depend on the weights). Variants: every registered method with a
-generic-loop training step, i.e. a ``train_logits`` (lora, blocklora, coop, …), and
+generic-loop training step (lora, blocklora, coop, maple, …; deep-prompt depths cut to a small
+backbone's layers), and
 ``reference``, CLIP-LoRA's way: q, k, v as separate projections, each adding
 ``dropout(x) @ (s · B A)ᵀ`` with the dense ΔW = B A built on every forward and its own dropout
 mask, and prompts encoded at the full context length (77 positions; no truncation). Reported
@@ -159,12 +160,26 @@ def generic_methods() -> list[str]:
     return [name for name in method_names() if name != REFERENCE and has_generic_step(get_method(name))]
 
 
+def prompt_depths(cls: type[Method], backbone: str) -> dict[str, int]:
+    """Deep-prompt depths (their defaults assume ViT-B/16's 12 layers) cut to a smaller backbone's layers."""
+    import open_clip
+
+    from blocklora.clip import register_configs
+
+    register_configs()
+    config = open_clip.get_model_config(backbone) or {}
+    layers = min(config.get("vision_cfg", {}).get("layers", 12), config.get("text_cfg", {}).get("layers", 12))
+    defaults = cls.all_defaults()
+    return {k: layers for k in ("depth", "depth_text", "depth_vision") if k in defaults and defaults[k] > layers}
+
+
 def measure(
     variant: str, args: argparse.Namespace, classes: int, device: torch.device, hparams: dict[str, Any]
 ) -> dict[str, Any]:
     """Build ``variant`` on a fresh random-init backbone and time its training step."""
     cls = get_method(variant)
-    hp = resolve_hparams(cls, {k: v for k, v in hparams.items() if k in cls.all_defaults()})
+    given = {k: v for k, v in hparams.items() if k in cls.all_defaults()}
+    hp = resolve_hparams(cls, {**prompt_depths(cls, args.backbone), **given})
     method, run, (trainable, _) = build_run(
         cls,
         hp,

@@ -31,6 +31,7 @@ class MethodCost:
     trains_on_features: bool = False
     hours: float | None = None
     prompts: int = 0  # through the text encoder, training and testing, over all runs
+    images: int = 0  # through the image encoder, training and testing, over all runs
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RunCost:
     on_features: bool
     prompts_train: int
     prompts_test: int
+    images: int = 0  # through the image encoder, training and testing
 
     @property
     def prompts(self) -> int:
@@ -79,7 +81,12 @@ def run_cost(run: Run) -> RunCost:
         seed=run.seed or 0,
     )
     instance = method(None, task, run.method.hparams)
-    return RunCost(int(instance.iterations()), not method.trains_with_loop(), *instance.text_passes())
+    return RunCost(
+        int(instance.iterations()),
+        not method.trains_with_loop(),
+        *instance.text_passes(),
+        images=sum(instance.image_passes()),
+    )
 
 
 def iterations_of(run: Run) -> tuple[int, bool]:
@@ -115,6 +122,7 @@ def budget(plan: Plan) -> Budget:
             cost.iterations += this.iterations
             cost.trains_on_features = this.on_features
             cost.prompts += this.prompts
+            cost.images += this.images
             if result.largest is None or this.prompts > result.largest[2].prompts:
                 result.largest = (label, run, this)
             rows.append(
@@ -223,7 +231,10 @@ def lines(plan: Plan) -> list[str]:
             out.append(f"  tested also on: {', '.join(suite.targets)} ({len(suite.transfers)} transfer jobs)")
         if suite.left_out:
             out.append(f"  left out (without:): {', '.join(suite.left_out)}")
-        header = f"{'method':18s} {'runs':>6s} {'done':>6s} {'iterations':>12s} {'prompts':>10s} {'device-hours':>13s}"
+        header = (
+            f"{'method':18s} {'runs':>6s} {'done':>6s} {'iterations':>12s} {'prompts':>10s} {'images':>10s} "
+            f"{'device-hours':>13s}"
+        )
         out.append(f"  {header}")
         for label, method in cost.methods[name].items():
             if method.hours is not None:
@@ -236,11 +247,11 @@ def lines(plan: Plan) -> list[str]:
                 hours = f"{'no profile':>13s}"
             out.append(
                 f"  {label:18s} {method.runs:6d} {method.done:6d} {method.iterations:12,d} "
-                f"{_millions(method.prompts):>10s} {hours}"
+                f"{_millions(method.prompts):>10s} {_millions(method.images):>10s} {hours}"
             )
         known = [m.hours for m in cost.methods[name].values() if m.hours is not None]
         if known:
-            out.append(f"  {'total':18s} {'':6s} {'':6s} {'':12s} {'':10s} {sum(known):13.2f}")
+            out.append(f"  {'total':18s} {'':6s} {'':6s} {'':12s} {'':10s} {'':10s} {sum(known):13.2f}")
     out.append("")
     jobs = ", ".join(f"{count} {kind}" for kind, count in cost.jobs.items())
     out.append(f"jobs (each run once, whatever suites ask for it): {jobs}")
@@ -257,8 +268,8 @@ def lines(plan: Plan) -> list[str]:
         )
     out.append("'features': trains on cached frozen features, minutes per run; '-': trains nothing")
     out.append(
-        "prompts: prompts through the text encoder, training and testing (a step encodes every class's "
-        "prompt; CoCoOp every class's for every image)"
+        "prompts, images: through the text and the image encoder, training and testing (a step encodes every "
+        "class's prompt, CoCoOp's for every image; PLOT++ sees each image once per image prompt)"
     )
     if cost.largest is not None:
         label, run, this = cost.largest

@@ -16,6 +16,8 @@ import open_clip
 import torch
 from torch import nn
 
+from blocklora import prompts
+
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 NO_WEIGHTS = (None, "", "none", "random")
 
@@ -85,19 +87,7 @@ def encode_text_embeddings(
     model: nn.Module, embeddings: torch.Tensor, tokens: torch.Tensor, normalize: bool = True
 ) -> torch.Tensor:
     """The text tower from token embeddings on (for prompt learning), pooled at the end token."""
-    length = embeddings.shape[1]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-    if model.text_projection is not None:
-        x = (
-            model.text_projection(x)
-            if isinstance(model.text_projection, nn.Linear)
-            else x @ model.text_projection
-        )
-    return nn.functional.normalize(x, dim=-1) if normalize else x
+    return prompts.encode_text(model, embeddings, tokens, normalize=normalize)
 
 
 def load_backbone(

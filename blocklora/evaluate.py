@@ -35,6 +35,7 @@ def evaluate(
     started = time.perf_counter()
     hp, backbone, device = method.hp, method.backbone, run.device
     backbone.model.eval()
+    method.eval_classes(None if label_subset is None else list(label_subset))
     method.prepare_eval()
     if getattr(method, "eval_on_features", False):
         correct = _correct_on_features(method, entries, image_root, run, label_subset)

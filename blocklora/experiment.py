@@ -127,7 +127,7 @@ def _record(
         "test_size": result["test_size"],
         "trainable_params": params[0],
         "total_params": params[1],
-        "iterations": stats.get("iterations", instance.iterations()),
+        "iterations": stats["iterations"] if "iterations" in stats else instance.iterations(),
         "train_seconds": stats.get("train_seconds", 0.0),
         "eval_seconds": result["eval_seconds"],
         "peak_memory_mib": (
@@ -220,8 +220,9 @@ def run_experiment(
         pretrained_arg=pretrained,
     )
     write_json(record, rec)
-    if run.checkpoint is not None:
-        run.checkpoint.unlink(missing_ok=True)
+    if run.checkpoint is not None:  # its own, and those of the stages of a run trained in stages
+        for leftover in run.checkpoint.parent.glob(f"{run.checkpoint.stem}*{run.checkpoint.suffix}"):
+            leftover.unlink(missing_ok=True)
     log.info("%s on %s, %s: test accuracy %.2f %%", method, dataset, cell, 100 * rec["accuracy"])
     return rec
 

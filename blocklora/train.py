@@ -133,14 +133,18 @@ class Schedule:
     @classmethod
     def dassl(cls, epochs: int, images: int, hp: Mapping[str, Any]) -> Schedule:
         """Dassl's schedule of ``epochs`` epochs over ``images`` training images (``warmup_epochs`` at
-        ``warmup_lr``), as its data manager and ``build_lr_scheduler`` make it."""
+        ``warmup_lr``), as its data manager and ``build_lr_scheduler`` make it; with ``max_iterations``
+        set, only its first steps (a trial run: each at the rate the full schedule gives it)."""
         batch = int(hp["batch_size"])
         if images < 1:
             raise ValueError("the few-shot training set is empty")
         drop_last = images >= batch
         steps = images // batch if drop_last else 1
+        total = int(epochs) * steps
+        if hp.get("max_iterations") is not None:
+            total = min(total, int(hp["max_iterations"]))
         return cls(
-            total=int(epochs) * steps,
+            total=total,
             batch_size=batch,
             base=float(hp["lr"]),
             eta_min=float(hp["eta_min"]),
@@ -148,11 +152,14 @@ class Schedule:
             warmup_lr=float(hp["warmup_lr"]),
             steps_per_epoch=steps,
             drop_last=drop_last,
+            epochs_planned=int(epochs),
         )
+
+    epochs_planned: int | None = None  # Dassl: the epochs the learning rate is scheduled over
 
     @property
     def epochs(self) -> int | None:
-        return None if self.steps_per_epoch is None else self.total // self.steps_per_epoch
+        return self.epochs_planned
 
     @property
     def warmup_steps(self) -> int:
@@ -312,12 +319,23 @@ class TrainStep:
         self.optimizer.state.clear()
 
 
-def train_loop(method, run: RunContext) -> dict[str, Any]:
+def stage_checkpoint(path: Path | None, stage: str | None) -> Path | None:
+    """Where one stage of a run that trains in stages keeps its state: ``record.checkpoint.<stage>.pt``."""
+    if path is None or stage is None:
+        return path
+    return path.with_suffix(f".{stage}{path.suffix}")
+
+
+def train_loop(method, run: RunContext, *, stage: str | None = None) -> dict[str, Any]:
     """Optimize ``method.trainable_parameters()`` on ``method.train_losses`` along ``method.schedule()``.
 
     With ``run.checkpoint`` set and ``checkpoint_every > 0``, the trainable tensors, optimizer,
     scaler, sampler and RNG states are saved every ``checkpoint_every`` iterations, and a rerun
-    resumes from there: on CPU it ends with exactly the metrics of an uninterrupted run.
+    resumes from there: on CPU it ends with exactly the metrics of an uninterrupted run. A method
+    that trains in several calls of the loop names each ``stage``: each keeps its own checkpoint.
+
+    After each epoch of a Dassl schedule the loop calls ``method.epoch_end(epoch, epochs)``; what the
+    method keeps across steps (``method.loop_state()``) is checkpointed with the rest.
     """
     hp, task, device = method.hp, method.task, run.device
     schedule = method.schedule()
@@ -346,8 +364,10 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
         "hparams": hp,
         "seed": run.seed,
         "train": [e[0] for e in task.train],
+        "stage": stage,
     }
-    resumed = load_checkpoint(run.checkpoint, fingerprint) if run.checkpoint and every > 0 else None
+    checkpoint = stage_checkpoint(run.checkpoint, stage)
+    resumed = load_checkpoint(checkpoint, fingerprint) if checkpoint and every > 0 else None
     if resumed is not None:
         with torch.no_grad():
             for p, saved in zip(step.params, resumed["params"], strict=True):
@@ -358,8 +378,9 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
         losses = [t.to(device) for t in resumed["losses"]]
         start_step = int(resumed["step"])
         _restore_rng(resumed["rng"], generator)
+        method.load_loop_state(resumed.get("method_state") or {})
         log.info(
-            "resuming %s on %s from iteration %d (%s)", method.name, task.dataset, start_step, run.checkpoint
+            "resuming %s on %s from iteration %d (%s)", method.name, task.dataset, start_step, checkpoint
         )
     module = method.modules_to_train()
     module.train()
@@ -386,10 +407,12 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
             bar.set_postfix(loss=f"{recent:.4f}", lr=f"{step.lr:.2e}")
             if not run.progress:
                 log.info("iteration %d/%d loss %.4f", done, iterations, recent)
-        if run.checkpoint and every > 0 and (done % every == 0 or done == iterations):
+        if schedule.steps_per_epoch and done % schedule.steps_per_epoch == 0:
+            method.epoch_end(done // schedule.steps_per_epoch - 1, schedule.epochs)
+        if checkpoint and every > 0 and (done % every == 0 or done == iterations):
             _stop_if_not_finite(first_bad, method, losses)
             save_checkpoint(
-                run.checkpoint,
+                checkpoint,
                 fingerprint=fingerprint,
                 step=done,
                 params=[p.detach().cpu() for p in step.params],
@@ -398,6 +421,7 @@ def train_loop(method, run: RunContext) -> dict[str, Any]:
                 sampler_order=list(sampler.order),
                 losses=[t.cpu() for t in losses],
                 rng=_rng_state(generator),
+                method_state={k: v.detach().cpu() for k, v in method.loop_state().items()},
             )
         bar.update(1)
     bar.close()

@@ -99,10 +99,10 @@ def test_plan_prints_jobs_iterations_and_data_before_anything_runs(capsys):
     config = Path(__file__).resolve().parents[1] / "config.yaml"
     assert main(["plan", "--configfile", str(config), "--suite", "paper"]) == 0
     out = capsys.readouterr().out
-    assert "suite paper: ViT-B-16 (openai), 11 datasets, 12 methods" in out
+    assert "suite paper: ViT-B-16 (openai), 11 datasets, 15 methods" in out
     lora = next(line for line in out.splitlines() if line.strip().startswith("lora "))
     assert lora.split()[1:4] == ["165", "0", "511,500"]  # 11 datasets x 3 seeds x 500 x (1+2+4+8+16)
-    assert "1826 train" in out and "no profile" in out and "snakemake profiles" in out
+    assert "2321 train" in out and "no profile" in out and "snakemake profiles" in out
     assert "154.6 GB" in out and "manual: ILSVRC2012_img_train.tar" in out
     # CoCoOp on ImageNet: 10 epochs of 16,000 one-image steps, 1000 prompts each; 50,000 test images
     assert (
@@ -111,4 +111,4 @@ def test_plan_prints_jobs_iterations_and_data_before_anything_runs(capsys):
     ) in out
     assert main(["plan", "--configfile", str(config), "--config", "without=[imagenet,sun397]"]) == 0
     out = capsys.readouterr().out
-    assert "left out (without:): imagenet, sun397" in out and "1494 train" in out  # 9 x (11 x 15 + 1)
+    assert "left out (without:): imagenet, sun397" in out and "1899 train" in out  # 9 x (14 x 15 + 1)

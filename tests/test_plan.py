@@ -170,7 +170,7 @@ def test_the_rehearsal_overlays_the_real_suites():
         assert lora["iterations"] == 2
     # the real suites' names, datasets, methods and transfers are all kept
     assert plan.suites["paper"].datasets == CONFIG["suites"]["paper"]["datasets"]
-    assert len(plan.suites["domain_generalization"].transfers) == 11 * 4
+    assert len(plan.suites["domain_generalization"].transfers) == 14 * 4
 
 
 def _paper_runs(plan: Plan, entry: str) -> dict[tuple[str, int], object]:

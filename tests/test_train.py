@@ -604,3 +604,12 @@ def test_zero_iterations_train_nothing_and_report_no_loss(
     record = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "lora", {**FAST, "iterations": 0})
     assert record["iterations"] == 0
     assert record["train_stats"]["loss_first"] is None and record["train_stats"]["loss_last"] is None
+
+
+def test_max_iterations_cuts_a_dassl_schedule_and_keeps_each_steps_rate():
+    hp = {"batch_size": 8, "lr": 0.002, "eta_min": 0.0, "warmup_epochs": 1, "warmup_lr": 1e-5}
+    full = train.Schedule.dassl(3, 40, hp)
+    cut = train.Schedule.dassl(3, 40, {**hp, "max_iterations": 7})
+    assert (full.total, cut.total, cut.epochs) == (15, 7, 3)
+    assert [cut.lr(step) for step in range(7)] == [full.lr(step) for step in range(7)]
+    assert train.Schedule.dassl(3, 40, {**hp, "max_iterations": 100}).total == 15

@@ -121,15 +121,16 @@ def layout_problems(spec: DatasetSpec, root: str | Path, split: Split | None = N
         n = count_images(image_root)
         if n < spec.min_images:
             problems.append(f"found {n} images under {image_root}, expected at least {spec.min_images}")
+    test_folders = spec.test_folders or spec.num_classes
     if not problems and spec.split_source == "imagenet_folders":
-        for sub in ("train", "val"):
+        for sub, expected in (("train", spec.num_classes), ("val", test_folders)):
             n = sum(1 for p in (image_root / sub).iterdir() if p.is_dir() and not p.name.startswith("."))
-            if n != spec.num_classes:
-                problems.append(f"{image_root / sub} has {n} class folders, expected {spec.num_classes}")
+            if n != expected:
+                problems.append(f"{image_root / sub} has {n} class folders, expected {expected}")
     if not problems and spec.split_source == "eval_only":
         n = sum(1 for p in image_root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if n != spec.num_classes:
-            problems.append(f"{image_root} has {n} class folders, expected {spec.num_classes}")
+        if n != test_folders:
+            problems.append(f"{image_root} has {n} class folders, expected {test_folders}")
     if not problems and split is not None:
         missing = missing_images(split, image_root)
         if missing:

@@ -34,6 +34,12 @@ from blocklora.io import write_json
 
 CLASSES_DIR = Path(__file__).with_name("classes")
 TRAIN, VAL, TEST = 2, 1, 1  # images per class in each split (ImageNet: TRAIN + VAL train images)
+# Test images of the 1000-class miniatures (ImageNet, -V2, -Sketch): one for each of a hundred
+# classes spread over the 1000, first and last included (all 1000 are in ImageNet's train split),
+# so that a method whose test-time cost grows with images × classes (CoCoOp's per-image prompts)
+# stays cheap to rehearse.
+TEST_OF_1000 = 100
+TESTED_OF_1000 = [round(i * 999 / (TEST_OF_1000 - 1)) for i in range(TEST_OF_1000)]
 HEIGHT, WIDTH = 24, 32
 
 
@@ -93,6 +99,7 @@ class Miniature:
     files: list[Path] = field(default_factory=list)
     split_sizes: dict[str, int] = field(default_factory=dict)
     images: int = 0
+    test_folders: int | None = None  # class folders of the test images, where not the class count
 
 
 Entries = list[list]
@@ -345,7 +352,7 @@ def _imagenet(out: Path, rng: np.random.Generator) -> Miniature:
                 for i in range(TRAIN + VAL)
             }
             outer.add(f"{wnid}.tar", _tar_bytes(images))
-    val_order = rng.permutation(len(wnids))
+    val_order = rng.permutation(TESTED_OF_1000)
     with _archive(out / "ILSVRC2012_img_val.tar", "w") as val:
         for number, label in enumerate(val_order, start=1):
             val.add(f"ILSVRC2012_val_{number:08d}.JPEG", _jpeg(rng, int(label)))
@@ -354,26 +361,36 @@ def _imagenet(out: Path, rng: np.random.Generator) -> Miniature:
     )
     mini.files += [out / name for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
                                            "ILSVRC2012_devkit_t12.tar.gz")]  # fmt: skip
-    mini.split_sizes = {"train": len(wnids) * (TRAIN + VAL), "val": 0, "test": len(wnids)}
-    mini.images = len(wnids) * (TRAIN + VAL + TEST)
+    mini.split_sizes = {"train": len(wnids) * (TRAIN + VAL), "val": 0, "test": TEST_OF_1000}
+    mini.images = len(wnids) * (TRAIN + VAL) + TEST_OF_1000
+    mini.test_folders = TEST_OF_1000
     return mini
 
 
 def _imagenet_v2(out: Path, rng: np.random.Generator) -> Miniature:
     with _archive(out / "imagenetv2-matched-frequency.tar.gz") as tar:
-        for label in range(1000):
+        for label in TESTED_OF_1000:
             digest = hashlib.sha1(f"{label}".encode()).hexdigest()
             tar.add(f"imagenetv2-matched-frequency-format-val/{label}/{digest}.jpeg", _jpeg(rng, label))
     return Miniature(
-        [out / "imagenetv2-matched-frequency.tar.gz"], {"train": 0, "val": 0, "test": 1000}, 1000
+        [out / "imagenetv2-matched-frequency.tar.gz"],
+        {"train": 0, "val": 0, "test": TEST_OF_1000},
+        TEST_OF_1000,
+        TEST_OF_1000,
     )
 
 
 def _imagenet_sketch(out: Path, rng: np.random.Generator) -> Miniature:
     with _archive(out / "ImageNet-Sketch.zip", "zip") as zipped:
-        for label, (wnid, _) in enumerate(imagenet_classes()):
+        for label in TESTED_OF_1000:
+            wnid = imagenet_classes()[label][0]
             zipped.add(f"sketch/{wnid}/sketch_{label % 50}.JPEG", _jpeg(rng, label))
-    return Miniature([out / "ImageNet-Sketch.zip"], {"train": 0, "val": 0, "test": 1000}, 1000)
+    return Miniature(
+        [out / "ImageNet-Sketch.zip"],
+        {"train": 0, "val": 0, "test": TEST_OF_1000},
+        TEST_OF_1000,
+        TEST_OF_1000,
+    )
 
 
 def _renditions(name: str, archive: str, file_name: Callable[[int], str], readme: bool):
@@ -431,6 +448,7 @@ def write_fixtures(out: str | Path, datasets: list[str] | None = None, *, seed: 
             "files": {path.name: {"sha256": _sha256(path)} for path in mini.files},
             "split_sizes": mini.split_sizes,
             "min_images": mini.images,
+            **({"test_folders": mini.test_folders} if mini.test_folders else {}),
         }
     return write_json(out / "sources.json", {"format": SOURCES_FORMAT, "datasets": entries})
 

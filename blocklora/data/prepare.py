@@ -51,7 +51,7 @@ def read_sources(path: str | Path) -> dict[str, dict[str, Any]]:
     """A sources file: other URLs and checksums of datasets' files (a mirror, the rehearsal's fixtures).
 
     ``{"format": "blocklora-sources/1", "datasets": {name: {"files": {filename: {"url"?, "md5"?,
-    "sha256"?}}, "split_sizes"?: {...}, "min_images"?: n}}}``. A file listed there is fetched from its
+    "sha256"?}}, "split_sizes"?: {...}, "min_images"?: n, "test_folders"?: n}}}``. A file listed there is fetched from its
     URL (or found locally) and verified against those checksums instead of the registry's.
     """
     path = Path(path)
@@ -96,6 +96,7 @@ def with_sources(
         split_sizes=sources.get("split_sizes", spec.split_sizes),
         split_sizes_verified=True if "split_sizes" in sources else spec.split_sizes_verified,
         min_images=sources.get("min_images", spec.min_images),
+        test_folders=sources.get("test_folders", spec.test_folders),
     )
 
 
@@ -141,7 +142,8 @@ def _build_split(where: Places, *, download: bool, progress: bool | None) -> Spl
         split = eval_split(image_root, spec.label_folders or "wnid")
     else:
         raise DataError(f"dataset {spec.name!r}: unknown split_source {spec.split_source!r}")
-    validate_split(split, source=f"{spec.name} split", num_classes=spec.num_classes)
+    present = spec.test_folders if spec.split_source == "eval_only" and spec.test_folders else spec.num_classes
+    validate_split(split, source=f"{spec.name} split", num_classes=present)
     if spec.split_sizes is not None:
         try:
             validate_split(split, source=f"{spec.name} split", expected_sizes=spec.split_sizes)

@@ -67,6 +67,8 @@ class DatasetSpec:
     split_sizes_verified: bool = True
     # Fewest image files expected under image_dir after extraction (None: not checked).
     min_images: int | None = None
+    # Class folders of the test images (ImageNet's val, the test-only variants); None: num_classes.
+    test_folders: int | None = None
     split_source: SplitSource = "split_zhou"
     # Archives found after extraction that must themselves be extracted (relative to the dataset root).
     nested_archives: tuple[str, ...] = ()

@@ -44,7 +44,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 128,
 }
 # Types the defaults above do not show (see blocklora.hparams).
-TRAIN_TYPES: dict[str, str] = {"iterations": "int|null", "compile": "bool|str"}
+TRAIN_TYPES: dict[str, str] = {"iterations": "int|null", "max_iterations": "int|null", "compile": "bool|str"}
 # Dassl's trainer (CoOp and the methods built on it): the hyper-parameters of its epochs and its
 # optimizer, as its defaults and CoOp's ViT-B/16 configs set them (docs/protocol.md §6).
 DASSL_DEFAULTS: dict[str, Any] = {
@@ -63,6 +63,7 @@ DASSL_DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 1,
     "warmup_lr": 1e-5,
     "crop_scale": [0.08, 1.0],
+    "max_iterations": None,  # stop after this many steps (a trial run, e.g. the rehearsal); null: all
 }
 
 
@@ -181,6 +182,13 @@ class Method:
         classes = self.task.num_classes
         return self.iterations() * classes, classes
 
+    def image_passes(self) -> tuple[int, int]:
+        """Images this run puts through the image encoder (training, testing), for the plan's cost
+        estimate: a batch at every step of the generic loop, and the test split once."""
+        steps = self.iterations()
+        batch = min(int(self.hp.get("batch_size", 0)), len(self.task.train))
+        return steps * batch, len(self.task.test)
+
     def train_logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"method {self.name!r} does not train with the generic loop")
 
@@ -199,6 +207,21 @@ class Method:
     def fit(self, run) -> dict[str, Any]:
         """Train; returns statistics for the record (the generic loop by default)."""
         return train_loop(self, run)
+
+    def epoch_end(self, epoch: int, epochs: int) -> None:
+        """Called by the generic loop after epoch ``epoch`` (0-based) of ``epochs`` of a Dassl schedule."""
+
+    def loop_state(self) -> dict[str, torch.Tensor]:
+        """What the method keeps across training steps (besides the trained tensors), for checkpoints."""
+        return {}
+
+    def load_loop_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back :meth:`loop_state` from a checkpoint."""
+
+    def eval_classes(self, subset: list[int] | None) -> None:
+        """Called before :meth:`prepare_eval` when only ``subset``'s classes compete for each prediction
+        (ImageNet-A and -R): a method whose test-time cost grows with the classes may skip the others,
+        its logits for them then mattering to nobody."""
 
     def prepare_eval(self) -> None:
         """Get ready for inference (merge adapters, compute text features once)."""

@@ -71,21 +71,32 @@ class CoCoOp(PromptLearner):
     def extra_modules(self) -> list[nn.Module]:
         return [self.learner]
 
-    def conditioned_features(self, image: torch.Tensor) -> torch.Tensor:
-        """Normalized text features of every class prompt for each image: (images, classes, dim)."""
-        images, classes = image.shape[0], self.context.classes
+    def conditioned_features(self, image: torch.Tensor, classes: list[int] | None = None) -> torch.Tensor:
+        """Normalized text features of every class prompt (or ``classes``') for each image: (images, classes, dim)."""
         prompts = self.context(shift=self.meta_net(image))  # (images, classes, length, width)
-        tokens = self.tokens.repeat(images, 1)
-        text = encode_text_embeddings(self.model, prompts.flatten(0, 1), tokens)
-        return text.view(images, classes, -1)
+        tokens = self.tokens
+        if classes is not None:
+            prompts, tokens = prompts[:, classes], tokens[classes]
+        text = encode_text_embeddings(self.model, prompts.flatten(0, 1), tokens.repeat(image.shape[0], 1))
+        return text.view(image.shape[0], prompts.shape[1], -1)
 
-    def logits_for(self, image: torch.Tensor) -> torch.Tensor:
-        """100 · f̂ · t̂_c(f̂) for normalized image features ``image``: (images, classes)."""
-        text = self.conditioned_features(image)
-        return self.hp["logit_scale"] * torch.einsum("bd,bcd->bc", image, text.to(image.dtype))
+    def logits_for(self, image: torch.Tensor, classes: list[int] | None = None) -> torch.Tensor:
+        """100 · f̂ · t̂_c(f̂) for normalized image features ``image``: (images, classes); with ``classes``,
+        the others' logits are −inf."""
+        text = self.conditioned_features(image, classes)
+        logits = self.hp["logit_scale"] * torch.einsum("bd,bcd->bc", image, text.to(image.dtype))
+        if classes is None:
+            return logits
+        full = logits.new_full((image.shape[0], self.context.classes), float("-inf"))
+        full[:, classes] = logits
+        return full
 
     def train_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits_for(self.image_features(images))
+
+    def eval_classes(self, subset: list[int] | None) -> None:
+        """Encode only ``subset``'s prompts at test time (ImageNet-A/-R: 200 of 1000 per image)."""
+        self.subset = subset
 
     def prepare_eval(self) -> None:
         self.learner.eval()
@@ -93,11 +104,12 @@ class CoCoOp(PromptLearner):
 
     @torch.no_grad()
     def eval_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        chunk = max(1, int(self.hp["text_batch"]) // self.context.classes)
+        classes = getattr(self, "subset", None)
+        chunk = max(1, int(self.hp["text_batch"]) // len(classes or range(self.context.classes)))
         logits = []
         with self.precision.autocast(self.device):
             for start in range(0, features.shape[0], chunk):
-                logits.append(self.logits_for(features[start : start + chunk].float()).float())
+                logits.append(self.logits_for(features[start : start + chunk].float(), classes).float())
         return torch.cat(logits)
 
     def state(self) -> dict[str, torch.Tensor]:

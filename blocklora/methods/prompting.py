@@ -73,6 +73,15 @@ class PromptContext(nn.Module):
         )
 
 
+def context_from_words(backbone, words: str, n_ctx: int) -> torch.Tensor:
+    """MaPLe's, PromptSRC's and PLOT++'s start for ``n_ctx`` context vectors: the token embeddings of the
+    first ``n_ctx`` tokens of ``words`` tokenized at the full context length (so past the words' own
+    tokens come the end token's and the padding's embeddings, as in their code), (n_ctx, width)."""
+    tokens = backbone.tokenizer([words.replace("_", " ")]).to(backbone.device)
+    with torch.no_grad():
+        return backbone.model.token_embedding(tokens)[0, 1 : 1 + n_ctx].detach().clone()
+
+
 def template_for(templates: Mapping[str, Any], task: FewShotTask, fallback: str | None = None) -> Any:
     """A method's own template (or list of templates) for the task's dataset; for a dataset its table
     does not name, ``fallback``, else the dataset's own template."""

@@ -87,8 +87,8 @@ class TaskRes(DasslTrained, FeatureMethod):
         return [chosen] if isinstance(chosen, str) else list(chosen)
 
     def prompt_template(self) -> str:
-        """The templates of the base features, joined by `` | `` where there are several."""
-        return " | ".join(self.templates())
+        """The dataset's own template of TaskRes (on ImageNet, the last of those it averages)."""
+        return self.templates()[-1]
 
     @torch.no_grad()
     def base_features(self) -> torch.Tensor:

@@ -14,7 +14,7 @@ from scipy.io import savemat
 from blocklora.data.errors import ChecksumError, ExtractionError
 from blocklora.data.extract import unpack_ilsvrc2012
 from blocklora.data.fewshot import sample_fewshot
-from blocklora.data.fixtures import MINIATURES, class_list, write_fixtures
+from blocklora.data.fixtures import MINIATURES, TESTED_OF_1000, class_list, write_fixtures
 from blocklora.data.prepare import fetch_dataset, prepare_dataset
 from blocklora.data.registry import clean_classname, get_dataset
 from blocklora.data.splits import imagenet_classes, imagenet_wnid_index, read_split
@@ -43,7 +43,15 @@ def names_by_label(split: dict) -> dict[int, str]:
 def test_each_miniature_has_its_datasets_class_count_and_every_image_exists(prepared, name):
     _, root, splits = prepared
     spec, split = get_dataset(name), splits[name]
-    assert len(names_by_label(split)) == spec.num_classes
+    labels = names_by_label(split)
+    if name in ("imagenet_v2", "imagenet_sketch"):  # test-only: a hundred of ImageNet's classes, spread
+        assert sorted(labels) == TESTED_OF_1000 and {0, 999} <= set(labels)
+        imagenet = dict(enumerate(name for _, name in imagenet_classes()))
+        assert all(labels[label] == imagenet[label] for label in labels)
+    else:
+        assert len(labels) == spec.num_classes
+    if name == "imagenet":  # every class trains; a hundred are tested
+        assert sorted({e[1] for e in split["test"]}) == TESTED_OF_1000
     image_root = root / name / spec.image_dir
     for key in ("train", "val", "test"):
         assert all((image_root / e[0]).is_file() for e in split[key])

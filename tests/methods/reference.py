@@ -51,3 +51,35 @@ def image_features(model, images: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
+
+
+def prompted_image(model, images: torch.Tensor, first: torch.Tensor, deep: dict) -> torch.Tensor:
+    """MaPLe's VisionTransformer_MaPLe (and PromptSRC's, PLOT++'s) one step at a time: prompts appended
+    after the positional embeddings and before ln_pre; at block i in ``deep``, the last n positions
+    dropped and deep[i] put in their place; the class token's state after ln_post, projected.
+    Unnormalized. open_clip's blocks take (N, L, D)."""
+    visual = model.visual
+    x = visual.conv1(images).flatten(2).permute(0, 2, 1)
+    cls = visual.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding
+    x = torch.cat([x, first.expand(x.shape[0], -1, -1)], dim=1)
+    x = visual.ln_pre(x)
+    n = first.shape[0]
+    for i, block in enumerate(visual.transformer.resblocks):
+        if i in deep:
+            x = torch.cat([x[:, : x.shape[1] - n], deep[i].expand(x.shape[0], -1, -1)], dim=1)
+        x = block(x)
+    return visual.ln_post(x[:, 0]) @ visual.proj
+
+
+def prompted_text(model, prompts: torch.Tensor, tokens: torch.Tensor, deep: dict) -> torch.Tensor:
+    """MaPLe's and PromptSRC's text encoder: at block i in ``deep``, positions 1 … n replaced by deep[i]
+    (the start token and what follows the context kept). Unnormalized, at the full context length."""
+    x = prompts + model.positional_embedding
+    for i, block in enumerate(model.transformer.resblocks):
+        if i in deep:
+            n = deep[i].shape[0]
+            x = torch.cat([x[:, :1], deep[i].expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
+        x = block(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection

@@ -103,3 +103,16 @@ def test_evaluation_chunks_change_nothing(make_method, classes_per_chunk):
     whole = method.eval_logits_from_features(features)
     method.hp["text_batch"] = classes_per_chunk * 4
     torch.testing.assert_close(method.eval_logits_from_features(features), whole)
+
+
+def test_only_the_classes_that_compete_are_encoded_at_test_time(make_method):
+    method, _ = make_method("cocoop")
+    _randomized(method)
+    features = ref.image_features(method.backbone.model, torch.rand(3, 3, 32, 32))
+    method.prepare_eval()
+    whole = method.eval_logits_from_features(features)
+    method.eval_classes([1, 3])  # as for ImageNet-A/-R's 200 classes
+    method.prepare_eval()
+    restricted = method.eval_logits_from_features(features)
+    torch.testing.assert_close(restricted[:, [1, 3]], whole[:, [1, 3]])
+    assert torch.isneginf(restricted[:, [0, 2]]).all()

@@ -9,7 +9,7 @@ from blocklora.clip import load_backbone
 from blocklora.inject import count_parameters
 from blocklora.methods import FewShotTask, get_method, resolve_hparams
 
-CLASSES = 10
+CLASSES = 2
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,10 @@ def vit_b16():
         ("kgcoop", 2_048),  # 4 × 512
         ("prograd", 8_192),  # 16 × 512
         ("taskres", 512 * CLASSES),  # a residual per class
+        ("maple", 3_555_072),  # 2 × 512 context + Linear(512, 768), and 8 × the same deeper
+        ("promptsrc", 46_080),  # 9 × 4 × 512 text + 9 × 4 × 768 image
+        # EuroSAT's first template has 5 words: 4 text prompts of 5 tokens, 4 image prompts of 2
+        ("plotpp", 4 * 5 * 512 + 6_144),
     ],
 )
 def test_trainable_parameters_on_vit_b16_equal_the_references(vit_b16, method, expected):

@@ -97,10 +97,10 @@ def planned_runs(output: str, rule: str = "train", configuration: bool = False) 
 def test_paper_dry_run_has_one_train_job_per_dataset_method_shots_seed_and_zero_shot_once(paper_dry_run):
     counts = job_counts(paper_dry_run)
     datasets, methods, shots, seeds = (len(PAPER[k]) for k in ("datasets", "methods", "shots", "seeds"))
-    assert counts["train"] == datasets * (methods - 1) * shots * seeds + datasets == 11 * 11 * 5 * 3 + 11
+    assert counts["train"] == datasets * (methods - 1) * shots * seeds + datasets == 11 * 14 * 5 * 3 + 11
     assert counts["download"] == counts["prepare"] == 11
     assert counts["fewshot"] == 11 * 5 * 3
-    assert counts["profile"] == 12
+    assert counts["profile"] == 15
     assert counts["report"] == 1
     assert "pretrain_demo" not in counts
 
@@ -176,10 +176,10 @@ def test_a_run_several_suites_ask_for_is_planned_once(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     runs = planned_runs(output)
-    # paper: 1826 runs; ablation adds its 10 entries the paper lacks (not lora, and blocklora_n8 is
+    # paper: 2321 runs; ablation adds its 10 entries the paper lacks (not lora, and blocklora_n8 is
     # blocklora), 11 datasets x 16 shots x 3 seeds each; cross_dataset and domain_generalization train
     # only what the paper trains already (ImageNet, 16 shots)
-    assert job_counts(output)["train"] == len(runs) == 1826 + 10 * 11 * 3
+    assert job_counts(output)["train"] == len(runs) == 2321 + 10 * 11 * 3
     paper_lora = '--method lora --hparams \'{"alpha": 1.0, "dropout": 0.25, "rank": 2}\''
     imagenet_lora = [
         line
@@ -193,7 +193,7 @@ def test_a_run_several_suites_ask_for_is_planned_once(tmp_path):
     # n = 8 (the paper's blocklora), n in 1, 2, 4, 16, r in 1, 4, 8 and the matched initialization
     assert len(blocklora_16) == 1 + 8
     counts = job_counts(output)
-    assert counts["report"] == 4 and counts["profile"] == 22
+    assert counts["report"] == 4 and counts["profile"] == 25
     # each report still gathers all of its runs, under its own labels
     assert output.count("blocklora_n8=results/runs/ViT-B-16_openai/dtd/blocklora-") == 3
 
