@@ -271,6 +271,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         allow_mixed=args.allow_mixed,
         left_out=args.left_out,
         average_over=args.average_over,
+        reference=args.reference,
+        published=args.published,
     )
     print("\n".join(lines))
     return 0
@@ -506,6 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--average-over", nargs="*", default=None, help="datasets of the Average column (default: all)"
+    )
+    p.add_argument(
+        "--reference",
+        default="blocklora",
+        help="method entry every other one is compared with, pair by pair (default: blocklora)",
+    )
+    p.add_argument(
+        "--published",
+        default=None,
+        help="YAML file of published numbers shown beside the measured ones (workflow/published/few_shot.yaml)",
     )
     p.set_defaults(func=cmd_report)
     return parser

@@ -18,8 +18,9 @@ Suites differ only in which of these their report gathers, under which labels (t
 
 Building the plan checks everything a job would otherwise find out hours later: suite, dataset and
 method names, every hyper-parameter's name and type (against the method catalog, with the library's
-own errors), which methods can be tested on other classes. Values that ``snakemake --config`` hands
-over as text (``shots: ["4"]``) are first given the types the schema asks for.
+own errors), which methods can be tested on other classes, and the file of published numbers the
+reports show (config ``published:``). Values that ``snakemake --config`` hands over as text
+(``shots: ["4"]``) are first given the types the schema asks for.
 
 Light to import (no torch): the Snakefile builds a plan on every invocation; ``blocklora plan``
 prints one.
@@ -40,6 +41,7 @@ from blocklora.catalog import load_catalog
 
 METHOD_KEYS = ("method", "module")  # keys of a `methods:` entry that are not hyper-parameters
 DEMO_CHECKPOINT = "demo/backbone.pt"  # under results_dir; built by the demo pre-training rule
+PUBLISHED = "workflow/published/few_shot.yaml"  # config `published:` when not given; under the repository
 FIXTURES = "fixtures"  # under the rehearsal's results_dir: the fixture archives and sources.json
 
 
@@ -123,7 +125,7 @@ def load_config(
     except jsonschema.ValidationError as exc:
         where = "/".join(map(str, exc.absolute_path)) or "the config"
         raise ConfigError(f"{where}: {exc.message}") from None
-    return Plan(config, suites=suites)
+    return Plan(config, suites=suites, root=configfile.resolve().parent)
 
 
 def _merge(config: dict, update: Mapping[str, Any]) -> None:
@@ -255,9 +257,19 @@ class SuitePlan:
 
 
 class Plan:
-    """The whole config, checked and expanded; paths are relative to ``results``."""
+    """The whole config, checked and expanded; paths are relative to ``results``.
 
-    def __init__(self, config: Mapping[str, Any], *, suites: Iterable[str] | None = None) -> None:
+    ``root``: the folder a relative ``published:`` path is found in (the repository, beside the
+    Snakefile; default: the current folder).
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        suites: Iterable[str] | None = None,
+        root: str | Path | None = None,
+    ) -> None:
         self.config = copy.deepcopy(dict(config))
         self.rehearsing = bool(self.config.get("rehearse"))
         if self.rehearsing:
@@ -269,6 +281,7 @@ class Plan:
         self.sources = cfg.get("sources")
         self.device = cfg.get("device", "auto")
         self.without = list(cfg.get("without") or [])
+        self.published = _published_file(cfg.get("published", PUBLISHED), root)
         self.catalog = load_catalog()
         self._check_names()
         if self.rehearsing:
@@ -528,6 +541,8 @@ class Plan:
         args += ["--profiles", *(f"{label}={self.results}/{p.path}" for label, p in plan.profiles)]
         args += ["--methods", *plan.entries, "--datasets", *plan.datasets, *plan.targets]
         args += ["--shots", *map(str, plan.shots)]
+        if self.published:
+            args += ["--published", self.published]
         if plan.note:
             args += ["--note", plan.note]
         if plan.targets:  # a transfer suite: the average is over the datasets it transfers to
@@ -537,11 +552,13 @@ class Plan:
         return args
 
     def report_inputs(self, suite: str) -> dict[str, list[str]]:
+        """The report's input files: records, profiles and the published numbers (editing them re-makes it)."""
         plan = self.suites[suite]
         return {
             "records": [f"{self.results}/{run.folder}/record.json" for _, run in plan.runs]
             + [f"{self.results}/{t.folder}/record.json" for _, t in plan.transfers],
             "profiles": [f"{self.results}/{p.path}" for _, p in plan.profiles],
+            "published": [self.published] if self.published else [],
         }
 
     def report_dir(self, suite: str) -> str:
@@ -551,6 +568,21 @@ class Plan:
         """Every dataset the chosen suites train or test on, in config order."""
         used = {d for plan in self.suites.values() for d in [*plan.datasets, *plan.targets]}
         return [d for d in self.config["datasets"] if d in used]
+
+
+def _published_file(path: str | None, root: str | Path | None) -> str | None:
+    """Config ``published:`` as a path (relative ones under ``root``), its numbers checked; None to show none
+    (``--config published=null`` passes the text ``null``)."""
+    if path is None or path == "null":
+        return None
+    from blocklora.published import PublishedError, load_published
+
+    resolved = Path(path) if Path(path).is_absolute() or root is None else Path(root) / path
+    try:
+        load_published(resolved)
+    except PublishedError as exc:
+        raise ConfigError(f"config `published:`: {exc}") from None
+    return str(resolved)
 
 
 def _as_list(value: str | list[str]) -> list[str]:

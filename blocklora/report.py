@@ -3,6 +3,8 @@
     runs = load_runs(paths)                    # one row per record, accuracy in % as ``acc``
     summary = accuracy_summary(runs)           # mean ± std over seeds per (method, dataset, shots)
     accuracy_table(summary, shots=16)          # rows = methods, columns = datasets + Average
+    pairs = paired_differences(runs, "blocklora")  # each method against Block-LoRA on the same subsets
+    paired_summary(pairs, ["lora"], [1, 16])   # n, mean difference, 95 % interval, wins/ties/losses
     write_report(runs, profiles, out_dir)      # everything `blocklora report` writes (.files, .lines)
 
 Records and profiles are given as files or folders, each optionally labelled ``LABEL=PATH``: a
@@ -11,7 +13,11 @@ the workflow passes. An unlabelled record is labelled with its method, or with i
 (``lora-1a2b3c4d``) when several configurations of one method are loaded.
 
 A run of a method that learns nothing from the few-shot set (zero-shot CLIP: no shots, no seed)
-stands in every shot column.
+stands in every shot column, and in the paired comparison it pairs with every seed of the reference.
+
+Published numbers of other papers (:mod:`blocklora.published`) are shown beside the measured ones,
+as separate rows with their sources; they never enter the runs, the measured tables, their averages
+or the paired comparison.
 """
 
 from __future__ import annotations
@@ -27,9 +33,13 @@ from typing import Any
 import pandas as pd
 
 from blocklora.io import atomic_path, write_text
+from blocklora.published import FEW_SHOT_DATASETS, PublishedEntry, load_published, same_backbone
 
 AVERAGE = "Average"
 MISSING = "–"
+REFERENCE = "blocklora"  # the entry the paired comparison measures every other one against
+CONFIDENCE = 0.95
+TIE = 1e-9  # points: a smaller difference of two accuracies is a tie
 METHOD_TITLES = {
     "zeroshot": "Zero-shot CLIP",
     "linear_probe": "Linear probe",
@@ -72,8 +82,19 @@ REPORT_FILES = (
     "accuracy_vs_params.pdf",
     "efficiency.png",
     "efficiency.pdf",
+    "paired.csv",
+    "paired.md",
+    "paired.tex",
+    "published.csv",
+    "published.md",
     "report.md",
 )
+PAIRED_COLUMNS = (
+    "label", "method", "reference", "shots", "n", "mean_diff", "ci_low", "ci_high", "wins", "ties", "losses",
+)  # fmt: skip
+PUBLISHED_COLUMNS = (
+    "method", "title", "backbone", "dataset", "shots", "accuracy", "computed", "source", "url", "note",
+)  # fmt: skip
 
 
 @dataclass
@@ -319,6 +340,230 @@ def efficiency_table(profiles: pd.DataFrame, methods: Sequence[str] | None = Non
     return pd.DataFrame(rows).set_index("Method")
 
 
+# ------------------------------------------------------------------ paired comparison
+
+
+def paired_differences(
+    runs: pd.DataFrame,
+    reference: str = REFERENCE,
+    shots: Sequence[int] | None = None,
+    methods: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Every (label, shots, dataset, seed) where a label and the reference both have a run: both
+    accuracies (%) and ``diff`` = label − reference, in points.
+
+    Runs of one seed share its few-shot subset, so they pair by seed; a run without a seed (zero-shot)
+    pairs with every seed of the other side and stands under each of ``shots`` (default: the measured
+    ones). ``methods`` and ``datasets`` restrict the pairs (a report passes the Average's datasets).
+    """
+    columns = ["label", "shots", "dataset", "seed", "acc", "reference_acc", "diff"]
+    measured = sorted(int(k) for k in runs["shots"].dropna().unique())
+    runs = in_every_shot_column(runs, list(shots) if shots else measured)
+    if datasets:
+        runs = runs[runs["dataset"].isin(list(datasets))]
+    keys = ["label", "dataset", "shots", "seed"]
+    acc = runs.groupby(keys, sort=False, dropna=False)["acc"].mean().reset_index()
+    ref = acc[acc["label"] == reference].drop(columns="label").rename(columns={"acc": "reference_acc"})
+    others = acc[acc["label"] != reference]
+    if methods:
+        others = others[others["label"].isin(list(methods))]
+    cell = ["dataset", "shots"]
+    seeded, seedless = others[others["seed"].notna()], others[others["seed"].isna()]
+    pairs = pd.concat(
+        [
+            seeded.merge(ref[ref["seed"].notna()], on=[*cell, "seed"]),
+            seeded.merge(ref[ref["seed"].isna()].drop(columns="seed"), on=cell),
+            seedless.drop(columns="seed").merge(ref, on=cell),
+        ],
+        ignore_index=True,
+    )
+    pairs["diff"] = pairs["acc"] - pairs["reference_acc"]
+    return pairs.reindex(columns=columns).sort_values(
+        ["label", "shots", "dataset", "seed"], ignore_index=True
+    )
+
+
+def paired_summary(
+    pairs: pd.DataFrame, methods: Sequence[str], shots: Sequence[int], reference: str = REFERENCE
+) -> pd.DataFrame:
+    """Per (method, shots): pairs n, mean difference (points), its 95 % Student-t interval (none
+    when n < 2), and the pairs won (difference > 0), tied and lost."""
+    from scipy import stats
+
+    rows = []
+    for label in methods:
+        for k in shots:
+            d = pairs.loc[(pairs["label"] == label) & (pairs["shots"] == k), "diff"].to_numpy(dtype=float)
+            n = len(d)
+            mean = float(d.mean()) if n else math.nan
+            low = high = math.nan
+            if n >= 2:
+                half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * d.std(ddof=1) / math.sqrt(n)
+                low, high = mean - half, mean + half
+            rows.append(
+                {"label": label, "method": method_title(label), "reference": reference, "shots": int(k),
+                 "n": n, "mean_diff": mean, "ci_low": low, "ci_high": high, "wins": int((d > TIE).sum()),
+                 "ties": int((abs(d) <= TIE).sum()), "losses": int((d < -TIE).sum())}
+            )  # fmt: skip
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+
+
+def _signed(value: float, decimals: int = 1) -> str:
+    """``+1.2``, ``−2.3`` (a minus sign), ``0.0``."""
+    text = f"{value:+.{decimals}f}"
+    if float(text) == 0:
+        return text[1:]
+    return text.replace("-", "−")
+
+
+def format_paired(row: Any, decimals: int = 1) -> str:
+    """``−2.3 [−3.1, −1.5], 4/33 wins``; no interval for one pair; ``–`` for none."""
+    if not row.n:
+        return MISSING
+    text = _signed(row.mean_diff, decimals)
+    if row.n >= 2:
+        text += f" [{_signed(row.ci_low, decimals)}, {_signed(row.ci_high, decimals)}]"
+    return f"{text}, {row.wins}/{row.n} wins"
+
+
+def paired_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Rows = method titles, columns = shot counts, cells :func:`format_paired`."""
+    methods = _order(summary["label"], None)
+    shots = _order(summary["shots"], None)
+    cells = {(r.label, r.shots): format_paired(r) for r in summary.itertuples()}
+    return pd.DataFrame(
+        [[cells[(m, k)] for k in shots] for m in methods],
+        index=pd.Index([method_title(m) for m in methods], name="Method"),
+        columns=[_shots_text(k) for k in shots],
+    )
+
+
+def _paired_text(reference: str, average_over: Sequence[str]) -> str:
+    """What the paired numbers are, and how far the interval can be trusted."""
+    name = method_title(reference)
+    over = ", ".join(dataset_title(d) for d in average_over)
+    return (
+        f"Each cell compares a method with {name} on the same few-shot subsets: the mean over "
+        f"(dataset, seed) pairs of its accuracy minus {name}'s, in points (negative: below {name}), the "
+        f"{100 * CONFIDENCE:.0f} % confidence interval of that mean (Student t; none for a single pair) and the "
+        f"pairs it wins out of all; a run without a seed (zero-shot CLIP, run once per dataset) pairs with "
+        "every seed. "
+        f"Datasets: {over}. The interval treats the pairs as independent, though the seeds of one "
+        "dataset share its test set: read it as a lower bound on the uncertainty.\n"
+    )
+
+
+# ------------------------------------------------------------------ published numbers
+
+
+def published_frame(entries: Sequence[PublishedEntry]) -> pd.DataFrame:
+    """Every published number, one row each, plus the averages computed from 11 datasets (``computed``)."""
+    rows = []
+    for e in entries:
+        about = {"source": e.source, "url": e.url, "note": e.note}
+        for dataset, values in e.accuracy.items():
+            for k, value in sorted(values.items()):
+                rows.append({"method": e.method, "title": e.title, "backbone": e.backbone, "dataset": dataset,
+                             "shots": k, "accuracy": value, "computed": False, **about})  # fmt: skip
+        for k in e.shot_counts():
+            if e.average_is_computed(k):
+                rows.append({"method": e.method, "title": e.title, "backbone": e.backbone, "dataset": "average",
+                             "shots": k, "accuracy": e.average(k), "computed": True, **about})  # fmt: skip
+    return pd.DataFrame(rows, columns=list(PUBLISHED_COLUMNS))
+
+
+def _published_cell(value: float | None, decimals: int) -> str:
+    return MISSING if value is None else f"{value:.{decimals}f}"
+
+
+def published_table(
+    entries: Sequence[PublishedEntry], shots: int, datasets: Sequence[str], decimals: int = 1
+) -> pd.DataFrame:
+    """One shot count: rows = entries with a number there, columns = those of ``datasets`` they give,
+    + Average (published, or the mean of the 11); an entry's missing cell is ``–``."""
+    shown = [
+        e
+        for e in entries
+        if e.average(shots) is not None or any(e.value(d, shots) is not None for d in datasets)
+    ]
+    columns = [d for d in datasets if any(e.value(d, shots) is not None for e in shown)]
+    cells = [
+        [
+            *(_published_cell(e.value(d, shots), decimals) for d in columns),
+            _published_cell(e.average(shots), decimals),
+        ]
+        for e in shown
+    ]
+    return pd.DataFrame(
+        cells,
+        index=pd.Index([e.title for e in shown], name="Method"),
+        columns=[*(dataset_title(d) for d in columns), AVERAGE],
+    )
+
+
+def _published_sources(entries: Sequence[PublishedEntry], shots: int | None = None) -> str:
+    """``Sources: PLOT++: Chen et al., …, URL (ViT-B/16); …``, saying whose Average is computed here."""
+    parts = []
+    for e in entries:
+        computed = (
+            e.average_is_computed(shots)
+            if shots is not None
+            else any(e.average_is_computed(k) for k in e.shot_counts())
+        )
+        average = "; its Average is the mean of its 11 datasets, computed here" if computed else ""
+        parts.append(f"{e.method}: {e.source}, {e.url} ({e.backbone}{average})")
+    return "Sources: " + "; ".join(parts) + ".\n"
+
+
+def suite_backbone(runs: pd.DataFrame) -> str:
+    """The backbone of the runs (several joined by ``, ``)."""
+    names = list(dict.fromkeys(str(b) for b in runs.get("backbone", pd.Series(dtype=object)).dropna()))
+    return ", ".join(names) or "unknown"
+
+
+def is_transfer(runs: pd.DataFrame) -> bool:
+    """True when some runs were tested on a dataset they did not train on (cross-dataset, domain shift)."""
+    return "source_dataset" in runs.columns and bool(runs["source_dataset"].notna().any())
+
+
+def comparable_published(
+    entries: Sequence[PublishedEntry], runs: pd.DataFrame, average_over: Sequence[str]
+) -> list[PublishedEntry]:
+    """The entries whose published Average may be drawn beside the measured one: same backbone as every
+    run, the measured Average over the same 11 datasets, and no transfer."""
+    backbones = set(runs.get("backbone", pd.Series(dtype=object)).dropna())
+    if is_transfer(runs) or len(backbones) != 1 or set(average_over) != set(FEW_SHOT_DATASETS):
+        return []
+    backbone = str(backbones.pop())
+    return [e for e in entries if same_backbone(e.backbone, backbone)]
+
+
+def _published_context(
+    entries: Sequence[PublishedEntry], runs: pd.DataFrame, average_over: Sequence[str]
+) -> str:
+    """One or two sentences: what the published rows are, and why they are or are not comparable."""
+    text = "Published rows (not run here) are other papers' numbers, each with its source; they stay out "
+    text += "of the measured tables, their averages and the paired comparison."
+    backbone = suite_backbone(runs)
+    others = sorted({e.backbone for e in entries if not same_backbone(e.backbone, backbone)})
+    foreign = not set(average_over) <= set(FEW_SHOT_DATASETS)
+    if others:
+        datasets = " on other datasets" if foreign else ""
+        text += (
+            f" They were measured with {', '.join(others)}{datasets}, this suite with {backbone}: they are "
+            "context, not comparable."
+        )
+    elif foreign:
+        text += " They were measured on other datasets than this suite's: context, not comparable."
+    elif set(average_over) != set(FEW_SHOT_DATASETS):
+        text += (
+            f" Their Average is over the 11 datasets, this suite's over {len(average_over)}: compare the "
+            "dataset columns, not the averages."
+        )
+    return text + "\n"
+
+
 # ------------------------------------------------------------------ text formats
 
 
@@ -336,7 +581,7 @@ _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{
 
 def _latex_escape(text: str) -> str:
     text = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
-    return text.replace("±", r"$\pm$").replace("×", r"$\times$").replace("–", "--")
+    return text.replace("±", r"$\pm$").replace("×", r"$\times$").replace("–", "--").replace("−", "$-$")
 
 
 def to_latex(table: pd.DataFrame, caption: str = "", label: str = "") -> str:
@@ -378,9 +623,13 @@ def _palette(labels: Sequence[str]) -> dict[str, Any]:
 
 
 def plot_accuracy_vs_shots(
-    summary: pd.DataFrame, methods: Sequence[str] | None = None, datasets: Sequence[str] | None = None
+    summary: pd.DataFrame,
+    methods: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    published: Sequence[PublishedEntry] = (),
 ):
-    """A grid of panels (datasets + Average): accuracy vs shots, mean line and ± std band over seeds."""
+    """A grid of panels (datasets + Average): accuracy vs shots, mean line and ± std band over seeds;
+    ``published`` averages as grey dashed lines with hollow markers in the Average panel."""
     plt = _pyplot()
     methods = _order(summary["label"], methods)
     datasets = list(datasets) if datasets else [d for d in _order(summary["dataset"], None) if d != AVERAGE]
@@ -402,6 +651,8 @@ def plot_accuracy_vs_shots(
             ax.fill_between(
                 rows["shots"], rows["mean"] - std, rows["mean"] + std, color=colors[label], alpha=0.2
             )
+        if dataset == AVERAGE:
+            _plot_published(ax, published, shots)
         ax.set_title(dataset_title(dataset) if dataset != AVERAGE else AVERAGE)
         if min(shots) > 0:  # only runs without shots (zero-shot alone) sit at 0
             ax.set_xscale("log", base=2)
@@ -410,12 +661,34 @@ def plot_accuracy_vs_shots(
         ax.set_ylabel("accuracy (%)")
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    labels, handles = list(legend), list(legend.values())
     ncol = min(len(labels), 4)
     legend_rows = -(-len(labels) // ncol)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, bbox_to_anchor=(0.5, 0.0), frameon=False)
     fig.tight_layout(rect=(0, 0.05 + 0.045 * legend_rows / nrows, 1, 1))
     return fig
+
+
+def _plot_published(ax: Any, entries: Sequence[PublishedEntry], shots: Sequence[int]) -> None:
+    """Each entry's published Average at the plotted shot counts: grey, dashed, hollow markers."""
+    for number, entry in enumerate(entries):
+        points = [(k, entry.average(k)) for k in shots if entry.average(k) is not None]
+        if not points:
+            continue
+        ax.plot(
+            [k for k, _ in points],
+            [v for _, v in points],
+            ls=(0, (4, 2 + number)),
+            color=str(0.25 + 0.5 * number / max(len(entries), 1)),
+            marker="sD^vP"[number % 5],
+            ms=4,
+            mfc="none",
+            label=entry.title,
+        )
 
 
 def plot_accuracy_vs_params(
@@ -644,12 +917,16 @@ def write_report(
     note: str | None = None,
     left_out: Sequence[str] = (),
     average_over: Sequence[str] | None = None,
+    reference: str = REFERENCE,
+    published: Sequence[PublishedEntry] = (),
 ) -> WrittenReport:
     """Write every file of :data:`REPORT_FILES` into ``out_dir``; returns them and the summary lines.
 
     ``left_out``: datasets the suite names but this report lacks (config ``without:``); the report
     says which, and what would add them. ``average_over``: the datasets the Average column is taken
-    over (default: all of the table; a transfer suite averages its targets).
+    over (default: all of the table; a transfer suite averages its targets). ``reference``: the entry
+    every other one is compared with, pair by pair. ``published``: other papers' numbers, shown
+    beside the measured ones.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -665,11 +942,20 @@ def write_report(
 
     write_text(out / "runs.csv", runs.to_csv(index=False))
     write_text(out / "accuracy.csv", summary.round(4).to_csv(index=False))
-    md, tex = [], []
+    shown = [] if is_transfer(runs) else list(published)
+    md, tex, with_published = [], [], []
     average_note = _average_note(average_over, left_out)
     for k in shots:
         table = accuracy_table(summary, k, methods, datasets)
         md += [f"### {_shots_text(k)}\n", to_markdown(table), average_note]
+        with_published += [f"### {_shots_text(k)}\n", to_markdown(table), average_note]
+        others = published_table(shown, k, datasets)
+        if not others.empty:
+            with_published += [
+                f"Published (not run here), {_shots_text(k)}:\n",
+                to_markdown(others),
+                _published_sources([e for e in shown if e.title in others.index], k),
+            ]
         tex.append(
             to_latex(
                 table,
@@ -679,6 +965,9 @@ def write_report(
         )
     write_text(out / "accuracy.md", "\n".join(md))
     write_text(out / "accuracy.tex", "\n".join(tex))
+
+    published_md = _write_published(out, published, shown, runs, shots, datasets, average_over)
+    paired_md = _write_paired(out, columns, reference, methods, shots, average_over, title, suite)
 
     efficiency = efficiency_table(profiles, methods)
     write_text(out / "efficiency.csv", profiles.to_csv(index=False))
@@ -692,7 +981,8 @@ def write_report(
         ),
     )
 
-    save_figure(plot_accuracy_vs_shots(summary, methods, datasets), out / "accuracy_vs_shots")
+    drawn = comparable_published(shown, runs, average_over)
+    save_figure(plot_accuracy_vs_shots(summary, methods, datasets, drawn), out / "accuracy_vs_shots")
     save_figure(
         plot_accuracy_vs_params(summary, trainable_params(columns, profiles), methods),
         out / "accuracy_vs_params",
@@ -707,7 +997,11 @@ def write_report(
     report += ["```", *lines, "```\n"]
     if left_out:
         report += ["## Left out\n", *_left_out_lines(left_out), ""]
-    report += ["## Accuracy\n", *md, "\n## Efficiency\n", to_markdown(efficiency)]
+    report += ["## Accuracy\n"]
+    if published and (not shown or any(not published_table(shown, k, datasets).empty for k in shots)):
+        report.append(published_md[0])
+    report += [*with_published, f"\n## Paired comparison with {method_title(reference)}\n", *paired_md]
+    report += ["\n## Efficiency\n", to_markdown(efficiency)]
     report += [
         "\n## Figures\n",
         "![accuracy vs shots](accuracy_vs_shots.png)\n",
@@ -716,6 +1010,76 @@ def write_report(
     ]
     write_text(out / "report.md", "\n".join(report))
     return WrittenReport({name: out / name for name in REPORT_FILES}, lines)
+
+
+def _write_paired(
+    out: Path,
+    columns: pd.DataFrame,
+    reference: str,
+    methods: Sequence[str],
+    shots: Sequence[int],
+    average_over: Sequence[str],
+    title: str,
+    suite: str | None,
+) -> list[str]:
+    """paired.csv, paired.md and paired.tex; returns the Markdown for report.md."""
+    others = [m for m in methods if m != reference]
+    if reference not in set(columns["label"]):
+        summary = pd.DataFrame(columns=list(PAIRED_COLUMNS))
+        text = [f"No paired comparison: this report has no runs of the reference, `{reference}`.\n"]
+        tex = f"% {text[0]}"
+    elif not others:
+        summary = pd.DataFrame(columns=list(PAIRED_COLUMNS))
+        text = [f"No paired comparison: this report has no method besides the reference, `{reference}`.\n"]
+        tex = f"% {text[0]}"
+    else:
+        pairs = paired_differences(columns, reference, shots, others, average_over)
+        summary = paired_summary(pairs, others, shots, reference)
+        table = paired_table(summary)
+        text = [_paired_text(reference, average_over), to_markdown(table)]
+        tex = to_latex(
+            table,
+            caption=(
+                f"Accuracy minus {method_title(reference)}'s (points) over paired (dataset, seed) runs: mean "
+                f"[{100 * CONFIDENCE:.0f} % confidence interval], pairs won ({title})."
+            ),
+            label=f"tab:paired-{suite or 'all'}",
+        )
+    write_text(out / "paired.csv", summary.round(4).to_csv(index=False))
+    write_text(out / "paired.md", "\n".join(text))
+    write_text(out / "paired.tex", tex)
+    return text
+
+
+def _write_published(
+    out: Path,
+    published: Sequence[PublishedEntry],
+    shown: Sequence[PublishedEntry],
+    runs: pd.DataFrame,
+    shots: Sequence[int],
+    datasets: Sequence[str],
+    average_over: Sequence[str],
+) -> list[str]:
+    """published.csv (every number given) and published.md (the tables beside this report's); returns
+    the Markdown, its first item the sentence on what the rows are."""
+    write_text(out / "published.csv", published_frame(published).round(4).to_csv(index=False))
+    if not published:
+        text = ["No published numbers were given (config `published:` is null).\n"]
+    elif not shown:
+        text = [
+            "Published few-shot numbers are not shown: each was trained and tested on one dataset, while "
+            "this suite tests on datasets it did not train on (published.csv lists them).\n"
+        ]
+    else:
+        text = [_published_context(shown, runs, average_over)]
+        for k in shots:
+            table = published_table(shown, k, datasets)
+            if not table.empty:
+                text += [f"### {_shots_text(k)}\n", to_markdown(table)]
+        text.append(_published_sources(shown))
+        text += [f"- {e.title}: {e.note}" for e in shown if e.note]
+    write_text(out / "published.md", "\n".join(text) + "\n")
+    return text
 
 
 # ------------------------------------------------------------------ everything `blocklora report` does
@@ -734,8 +1098,14 @@ def build_report(
     allow_mixed: bool = False,
     left_out: Sequence[str] = (),
     average_over: Sequence[str] | None = None,
+    reference: str = REFERENCE,
+    published: str | Path | None = None,
 ) -> list[str]:
-    """Everything ``blocklora report`` does: write the report and return its summary lines."""
+    """Everything ``blocklora report`` does: write the report and return its summary lines.
+
+    ``published``: a YAML file of other papers' numbers (:func:`blocklora.published.load_published`).
+    """
+    entries = load_published(published) if published else []
     runs = load_runs(records, allow_mixed=allow_mixed)
     profile_table = load_profiles(profiles) if profiles else pd.DataFrame(columns=["label", *PROFILE_FIELDS])
     written = write_report(
@@ -749,5 +1119,7 @@ def build_report(
         note=note,
         left_out=left_out,
         average_over=average_over,
+        reference=reference,
+        published=entries,
     )
     return [*written.lines, f"report written to {written.files['report.md']}"]

@@ -158,6 +158,32 @@ def test_a_transfer_suite_averages_over_its_targets():
     ]
 
 
+def test_the_report_gets_the_published_numbers_as_an_input_under_the_repository(tmp_path):
+    plan = Plan(config(suite="demo"), root=REPO)
+    shipped = str(REPO / "workflow" / "published" / "few_shot.yaml")
+    args = plan.report_args("demo")
+    assert args[args.index("--published") + 1] == shipped
+    assert plan.report_inputs("demo")["published"] == [shipped]  # editing it re-makes the report
+    for off in (None, "null"):  # config.yaml, or --config published=null
+        plan = Plan(config(suite="demo", published=off), root=REPO)
+        assert "--published" not in plan.report_args("demo") and plan.report_inputs("demo")["published"] == []
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((REPO / "workflow" / "published" / "few_shot.yaml").read_text())
+    assert Plan(config(published="mine.yaml"), root=tmp_path).published == str(mine)
+
+
+def test_a_malformed_published_file_stops_the_plan_naming_file_entry_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {method: X, backbone: ViT-B/16, source: s, url: u, accuracy: {dtd: {1: 140}}}\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"config `published:`: .*bad\.yaml, entry 1 \(X\), field `accuracy\.dtd\.1`: accuracy 140",
+    ):
+        Plan(config(published=str(bad)))
+    with pytest.raises(ConfigError, match=r"cannot read published numbers .*nowhere\.yaml"):
+        Plan(config(published="nowhere.yaml"), root=tmp_path)
+
+
 def test_the_rehearsal_overlays_the_real_suites():
     plan = Plan(config(rehearse=True))
     assert plan.chosen == CONFIG["rehearsal"]["suites"] and plan.results == "results/rehearsal"

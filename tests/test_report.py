@@ -12,6 +12,7 @@ import pytest
 
 from blocklora import report
 from blocklora.cli import main as cli_main
+from blocklora.published import FEW_SHOT_DATASETS, PublishedEntry, load_published
 
 DATASETS = ["caltech101", "dtd", "eurosat"]
 METHODS = ["zeroshot", "lora", "blocklora"]
@@ -334,3 +335,243 @@ def test_report_files_get_the_users_umask_permissions(tmp_path):
         os.umask(previous)
     for name in report.REPORT_FILES:
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+# ------------------------------------------------------------------ paired comparison
+
+T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student t quantiles, from a table
+
+
+def paired_runs() -> pd.DataFrame:
+    """Block-LoRA on datasets a and b (seeds 1, 2); LoRA missing b's seed 2; zero-shot without seed;
+    CoOp on one pair only; dataset c outside the average; 4 shots run by LoRA alone."""
+    rows = [
+        ("blocklora", "a", 1, 1, 70.0), ("blocklora", "a", 1, 2, 72.0),
+        ("blocklora", "b", 1, 1, 60.0), ("blocklora", "b", 1, 2, 64.0),
+        ("blocklora", "c", 1, 1, 10.0),
+        ("lora", "a", 1, 1, 71.0), ("lora", "a", 1, 2, 70.0), ("lora", "b", 1, 1, 61.0),
+        ("lora", "c", 1, 1, 90.0), ("lora", "a", 4, 1, 80.0),
+        ("zeroshot", "a", None, None, 70.0), ("zeroshot", "b", None, None, 62.0),
+        ("coop", "a", 1, 1, 75.0),
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=["label", "dataset", "shots", "seed", "acc"])
+
+
+def test_paired_differences_pair_by_seed_and_zero_shot_with_every_seed():
+    pairs = report.paired_differences(paired_runs(), "blocklora", [1, 4], datasets=["a", "b"])
+    by = {(r.label, r.shots, r.dataset, r.seed): r.diff for r in pairs.itertuples()}
+    assert by == {
+        ("coop", 1, "a", 1.0): 5.0,
+        ("lora", 1, "a", 1.0): 1.0,
+        ("lora", 1, "a", 2.0): -2.0,
+        ("lora", 1, "b", 1.0): 1.0,
+        ("zeroshot", 1, "a", 1.0): 0.0,
+        ("zeroshot", 1, "a", 2.0): -2.0,
+        ("zeroshot", 1, "b", 1.0): 2.0,
+        ("zeroshot", 1, "b", 2.0): -2.0,
+    }
+
+
+def test_paired_summary_against_a_hand_computation():
+    pairs = report.paired_differences(paired_runs(), "blocklora", [1, 4], datasets=["a", "b"])
+    summary = report.paired_summary(pairs, ["zeroshot", "lora", "coop"], [1, 4])
+    assert list(summary.columns) == list(report.PAIRED_COLUMNS)
+    summary = summary.set_index(["label", "shots"])
+
+    lora = summary.loc[("lora", 1)]  # d = 1, -2, 1: mean 0, sd √3
+    assert lora["n"] == 3 and lora["mean_diff"] == pytest.approx(0.0)
+    assert lora["ci_high"] == pytest.approx(T_975[2] * 3**0.5 / 3**0.5)
+    assert lora["ci_low"] == pytest.approx(-lora["ci_high"])
+    assert (lora["wins"], lora["ties"], lora["losses"]) == (2, 0, 1)
+
+    zeroshot = summary.loc[("zeroshot", 1)]  # d = 0, -2, 2, -2: mean -0.5, variance 11/3
+    half = T_975[3] * (11 / 3) ** 0.5 / 2
+    assert zeroshot["n"] == 4 and zeroshot["mean_diff"] == pytest.approx(-0.5)
+    assert (zeroshot["ci_low"], zeroshot["ci_high"]) == pytest.approx((-0.5 - half, -0.5 + half))
+    assert (zeroshot["wins"], zeroshot["ties"], zeroshot["losses"]) == (1, 1, 2)
+
+    coop = summary.loc[("coop", 1)]  # one pair: a mean, no interval
+    assert coop["n"] == 1 and coop["mean_diff"] == 5.0 and coop["wins"] == 1
+    assert pd.isna(coop["ci_low"]) and pd.isna(coop["ci_high"])
+
+    for label in ("lora", "zeroshot", "coop"):  # no reference run at 4 shots
+        assert summary.loc[(label, 4), "n"] == 0 and pd.isna(summary.loc[(label, 4), "mean_diff"])
+
+    table = report.paired_table(summary.reset_index())
+    assert list(table.index) == ["Zero-shot CLIP", "LoRA", "CoOp"]
+    assert table.loc["Zero-shot CLIP", "1 shot"] == f"−0.5 [−{half + 0.5:.1f}, +{half - 0.5:.1f}], 1/4 wins"
+    assert table.loc["LoRA", "1 shot"] == "0.0 [−4.3, +4.3], 2/3 wins"
+    assert table.loc["CoOp", "1 shot"] == "+5.0, 1/1 wins"
+    assert table.loc["LoRA", "4 shots"] == report.MISSING
+
+
+def test_the_paired_comparison_covers_the_average_datasets_only(tmp_path):
+    runs = paired_runs().assign(backbone="ViT-B-16", iterations=0, train_seconds=0.0, path="x")
+    out = tmp_path / "out"
+    report.write_report(runs, pd.DataFrame(columns=["label"]), out, shots=[1], average_over=["a", "b"])
+    paired = pd.read_csv(out / "paired.csv").set_index("label")
+    assert paired.loc["lora", "n"] == 3  # dataset c (LoRA +80 there) is not in the Average
+    assert paired.loc["lora", "mean_diff"] == pytest.approx(0.0)
+    assert set(paired["reference"]) == {"blocklora"}
+    assert "−0.5 [" in (out / "paired.md").read_text()
+    assert r"$-$0.5 [" in (out / "paired.tex").read_text()
+
+
+def test_a_report_without_the_reference_says_so_in_one_line(tmp_path):
+    runs = report.load_runs(write_records(tmp_path / "results"))
+    out = tmp_path / "out"
+    report.write_report(runs, pd.DataFrame(columns=["label"]), out, methods=["zeroshot", "lora"])
+    section = (out / "report.md").read_text().split("## Paired comparison with Block-LoRA\n")[1]
+    assert section.split("\n## ")[0].strip() == (
+        "No paired comparison: this report has no runs of the reference, `blocklora`."
+    )
+    assert pd.read_csv(out / "paired.csv").empty
+    report.write_report(runs, pd.DataFrame(columns=["label"]), out, reference="lora")
+    assert "## Paired comparison with LoRA" in (out / "report.md").read_text()
+    assert set(pd.read_csv(out / "paired.csv")["label"]) == {"zeroshot", "blocklora"}
+
+
+# ------------------------------------------------------------------ published numbers
+
+SHIPPED = Path(__file__).resolve().parents[1] / "workflow" / "published" / "few_shot.yaml"
+
+
+def fake_published(method: str = "Fake") -> PublishedEntry:
+    """An entry with striking numbers on the test datasets, to be found wherever it leaks."""
+    return PublishedEntry(
+        method=method,
+        backbone="ViT-B/16",
+        source="Nobody, 2099",
+        url="https://example.org/fake",
+        accuracy={d: {k: 99.87 for k in SHOTS} for d in DATASETS} | {"average": {1: 12.34}},
+    )
+
+
+def test_published_rows_never_enter_the_measured_files(tmp_path):
+    runs = report.load_runs(write_records(tmp_path / "results"))
+    profiles = pd.DataFrame(columns=["label"])
+    report.write_report(runs, profiles, tmp_path / "without", methods=METHODS)
+    report.write_report(
+        runs, profiles, tmp_path / "with", methods=METHODS, published=[fake_published("LoRA")]
+    )
+    for name in ("runs.csv", "accuracy.csv", "accuracy.md", "accuracy.tex", "paired.csv", "paired.md"):
+        written = (tmp_path / "with" / name).read_text()
+        assert written == (tmp_path / "without" / name).read_text(), name
+        assert "99.87" not in written and "99.9" not in written, name
+    text = (tmp_path / "with" / "report.md").read_text()
+    assert "| LoRA (published) | 99.9 | 99.9 | 99.9 | 12.3 |" in text
+    measured = text.split("### 1 shot\n")[1].split("Published (not run here)")[0]
+    assert "99.9" not in measured and "(published)" not in measured
+    published = pd.read_csv(tmp_path / "with" / "published.csv")
+    assert set(published["title"]) == {"LoRA (published)"} and (published["accuracy"] == 99.87).sum() == 9
+
+
+def test_the_published_table_shows_the_suites_datasets_the_entry_has_and_its_average():
+    plot, clip_lora = load_published(SHIPPED)
+    table = report.published_table([plot, clip_lora], 16, ["dtd", "eurosat", "demo_colors"])
+    assert list(table.columns) == ["DTD", "EuroSAT", report.AVERAGE]
+    assert table.loc["PLOT++ (published)"].tolist() == ["71.4", "92.0", "82.1"]
+    assert table.loc["CLIP-LoRA (published)"].tolist() == [report.MISSING, report.MISSING, "83.0"]
+    demo = report.published_table([plot, clip_lora], 8, ["demo_colors", "demo_combos"])
+    assert list(demo.columns) == [report.AVERAGE]
+    assert demo[report.AVERAGE].tolist() == [f"{plot.average(8):.1f}", "80.3"]
+    assert report.published_table([plot], 3, ["dtd"]).empty  # no number at 3 shots
+
+
+def test_published_csv_holds_every_number_and_the_computed_averages():
+    frame = report.published_frame(load_published(SHIPPED))
+    assert list(frame.columns) == list(report.PUBLISHED_COLUMNS)
+    plot = frame[frame["method"] == "PLOT++"]
+    assert len(plot) == 11 * 5 + 5 and plot["computed"].sum() == 5
+    average = plot[plot["dataset"] == "average"].set_index("shots")["accuracy"]
+    assert round(average[1], 2) == 70.71 and round(average[16], 2) == 82.09
+    clip_lora = frame[frame["method"] == "CLIP-LoRA"]
+    assert len(clip_lora) == 5 and not clip_lora["computed"].any()
+
+
+def measured_runs(backbone: str, datasets=FEW_SHOT_DATASETS, source: str | None = None) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"label": "lora", "dataset": d, "shots": 1, "seed": 1, "acc": 50.0, "backbone": backbone,
+          "source_dataset": source} for d in datasets]
+    )  # fmt: skip
+
+
+def test_published_averages_are_drawn_only_beside_the_same_backbone_and_datasets():
+    entries = load_published(SHIPPED)
+    eleven = list(FEW_SHOT_DATASETS)
+    assert report.comparable_published(entries, measured_runs("ViT-B-16"), eleven) == entries
+    assert report.comparable_published(entries, measured_runs("demo-tiny"), eleven) == []
+    assert report.comparable_published(entries, measured_runs("ViT-B-32"), eleven) == []
+    assert report.comparable_published(entries, measured_runs("ViT-B-16", DATASETS), DATASETS) == []
+    assert report.comparable_published(entries, measured_runs("ViT-B-16", source="imagenet"), eleven) == []
+
+
+def test_the_average_panel_draws_published_averages_as_grey_dashed_hollow_lines(runs):
+    import matplotlib.pyplot as plt
+
+    entries = load_published(SHIPPED)
+    fig = report.plot_accuracy_vs_shots(report.accuracy_summary(runs), METHODS, DATASETS, entries)
+    average = next(ax for ax in fig.axes if ax.get_title() == report.AVERAGE)
+    lines = {line.get_label(): line for line in average.get_lines()}
+    plot = lines["PLOT++ (published)"]
+    assert list(plot.get_xdata()) == SHOTS
+    assert list(plot.get_ydata()) == pytest.approx([entries[0].average(k) for k in SHOTS])
+    assert plot.get_linestyle() == "--" and plot.get_markerfacecolor() == "none"
+    red, green, blue, _ = matplotlib_rgba(plot.get_color())
+    assert red == green == blue  # grey
+    assert "CLIP-LoRA (published)" in lines
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert "PLOT++ (published)" in legend and "Block-LoRA" in legend
+    dtd = next(ax for ax in fig.axes if ax.get_title() == "DTD")
+    assert not any("(published)" in line.get_label() for line in dtd.get_lines())
+    plt.close(fig)
+
+
+def matplotlib_rgba(color) -> tuple[float, float, float, float]:
+    from matplotlib.colors import to_rgba
+
+    return to_rgba(color)
+
+
+def test_a_report_of_another_backbone_shows_the_published_rows_as_context(tmp_path):
+    paths = write_records(tmp_path / "results")
+    for path in paths:
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "backbone": "demo-tiny"}))
+    out = tmp_path / "out"
+    report.build_report(paths, [], out, published=SHIPPED)
+    text = (out / "report.md").read_text()
+    assert "measured with ViT-B/16, this suite with demo-tiny: they are context, not comparable." in text
+    assert text.count("Published (not run here)") == len(SHOTS)
+    assert "| PLOT++ (published) |" in text and "| CLIP-LoRA (published) |" in text
+    assert "Sources: PLOT++: Chen et al." in text and "(ViT-B/16; its Average is the mean" in text
+
+
+def test_a_transfer_suite_leaves_the_published_few_shot_numbers_out(tmp_path):
+    paths = write_records(tmp_path / "results")
+    for path in paths:
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "source_dataset": "imagenet"}))
+    out = tmp_path / "out"
+    report.build_report(paths, [], out, published=SHIPPED)
+    text = (out / "report.md").read_text()
+    assert "Published few-shot numbers are not shown" in text and "(published) |" not in text
+    assert len(pd.read_csv(out / "published.csv")) == 11 * 5 + 5 + 5
+
+
+def test_report_cli_writes_both_new_sections(tmp_path, caplog):
+    write_records(tmp_path / "results")
+    out = tmp_path / "report"
+    argv = ["report", "--records", str(tmp_path / "results" / "runs"), "--out-dir", str(out)]
+    assert cli_main([*argv, "--methods", *METHODS, "--published", str(SHIPPED)]) == 0
+    text = (out / "report.md").read_text()
+    accuracy, paired = text.split("## Paired comparison with Block-LoRA\n")
+    assert "Published (not run here), 16 shots:" in accuracy and "| PLOT++ (published) |" in accuracy
+    assert "over the 11 datasets, this suite's over 3" in accuracy
+    assert "Each cell compares a method with Block-LoRA on the same few-shot subsets" in paired
+    assert "| LoRA | −2.0 [" in paired and "0/9 wins" in paired
+    assert len(pd.read_csv(out / "paired.csv")) == 2 * len(SHOTS)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {method: X, backbone: b, source: s, url: u, accuracy: {dtdd: {1: 5}}}\n")
+    assert cli_main([*argv, "--published", str(bad)]) == 1
+    assert re.search(r"bad\.yaml, entry 1 \(X\), field `accuracy\.dtdd`: unknown dataset", caplog.text)

@@ -49,6 +49,14 @@ def test_smoke_suite_writes_a_record_per_run_and_the_report(smoke_run):
     assert set(runs["label"]) == set(SMOKE["methods"])
     accuracy = (report / "accuracy.md").read_text()
     assert accuracy.count("| Zero-shot CLIP |") == len(SMOKE["shots"])  # in every shot column
+    assert "(published)" not in accuracy
+    text = (report / "report.md").read_text()
+    assert text.count("Published (not run here)") == len(SMOKE["shots"])
+    assert "| PLOT++ (published) |" in text and "context, not comparable" in text
+    paired = pd.read_csv(report / "paired.csv")
+    assert "## Paired comparison with Block-LoRA" in text and "| LoRA |" in text.split("## Paired")[1]
+    assert set(paired["label"]) == set(SMOKE["methods"]) - {"blocklora"}
+    assert (paired["n"] == len(SMOKE["datasets"]) * len(SMOKE["seeds"])).all()
 
 
 def test_smoke_profiles_cover_every_method(smoke_run):

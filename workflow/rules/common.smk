@@ -39,7 +39,7 @@ SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 coerce_config(config, yaml.safe_load(SCHEMA.read_text()))
 validate(config, schema=str(SCHEMA))
 try:
-    PLAN = Plan(config)
+    PLAN = Plan(config, root=REPO)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 

@@ -1,4 +1,4 @@
-"""Run records + profiles of a suite -> tables (csv, md, tex), figures (png, pdf) and report.md."""
+"""Run records + profiles (+ published numbers) of a suite -> tables (csv, md, tex), figures (png, pdf) and report.md."""
 
 
 rule report:
@@ -54,6 +54,23 @@ rule report:
             labels={"figure": "efficiency"},
         ),
         efficiency_pdf=f"{RESULTS}/{{suite}}/report/efficiency.pdf",
+        paired=report(
+            f"{RESULTS}/{{suite}}/report/paired.csv",
+            caption="../report/paired_table.rst",
+            category="Tables",
+            subcategory="{suite}",
+            labels={"table": "paired comparison"},
+        ),
+        paired_md=f"{RESULTS}/{{suite}}/report/paired.md",
+        paired_tex=f"{RESULTS}/{{suite}}/report/paired.tex",
+        published=report(
+            f"{RESULTS}/{{suite}}/report/published.csv",
+            caption="../report/published_table.rst",
+            category="Tables",
+            subcategory="{suite}",
+            labels={"table": "published (not run here)"},
+        ),
+        published_md=f"{RESULTS}/{{suite}}/report/published.md",
         summary=f"{RESULTS}/{{suite}}/report/report.md",
     log:
         f"{RESULTS}/logs/report/{{suite}}.log",
