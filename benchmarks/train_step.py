@@ -170,7 +170,9 @@ def prompt_depths(cls: type[Method], backbone: str) -> dict[str, int]:
     config = open_clip.get_model_config(backbone) or {}
     layers = min(config.get("vision_cfg", {}).get("layers", 12), config.get("text_cfg", {}).get("layers", 12))
     defaults = cls.all_defaults()
-    return {k: layers for k in ("depth", "depth_text", "depth_vision") if k in defaults and defaults[k] > layers}
+    return {
+        k: layers for k in ("depth", "depth_text", "depth_vision") if k in defaults and defaults[k] > layers
+    }
 
 
 def measure(

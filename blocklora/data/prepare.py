@@ -142,7 +142,9 @@ def _build_split(where: Places, *, download: bool, progress: bool | None) -> Spl
         split = eval_split(image_root, spec.label_folders or "wnid")
     else:
         raise DataError(f"dataset {spec.name!r}: unknown split_source {spec.split_source!r}")
-    present = spec.test_folders if spec.split_source == "eval_only" and spec.test_folders else spec.num_classes
+    present = (
+        spec.test_folders if spec.split_source == "eval_only" and spec.test_folders else spec.num_classes
+    )
     validate_split(split, source=f"{spec.name} split", num_classes=present)
     if spec.split_sizes is not None:
         try:
