@@ -163,3 +163,45 @@ def test_an_adapter_file_missing_a_tensor_or_with_a_wrong_shape_is_refused(
     write_tensors(path, {**tensors, key: tensors[key][:, :1].contiguous()}, meta)
     with pytest.raises(ValueError, match=rf"{key} has shape"):
         load_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)
+
+
+def test_a_lock_file_planted_as_a_symlink_in_a_shared_folder_is_refused_not_truncated(tmp_path):
+    """Results folders are group-writable: a link at <file>.lock must not make us empty its target."""
+    from blocklora.io import exclusive
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "pixels.npy.lock").symlink_to(victim)
+    with (
+        pytest.raises(OSError, match=r"pixels\.npy\.lock is a symlink; refusing to use it as a lock file"),
+        exclusive(cache / "pixels.npy"),
+    ):
+        pass
+    assert victim.read_text() == "precious"
+
+
+def test_a_lock_held_elsewhere_is_waited_for_up_to_a_timeout_naming_its_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from blocklora.io import exclusive
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(30)", str(tmp_path / "x.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(TimeoutError, match=rf"x\.lock is still locked after 0 s \(by pid {holder.pid};"),
+            exclusive(tmp_path / "x", timeout=0.2),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(tmp_path / "x", timeout=5):  # the holder is gone: the lock is free again
+        pass
