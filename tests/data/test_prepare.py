@@ -194,7 +194,9 @@ def test_fgvc_split_is_built_from_official_files(tmp_path, make_tar, monkeypatch
     spec = dataclasses.replace(
         get_dataset("fgvc_aircraft"),
         num_classes=2,
-        sources=(dataclasses.replace(get_dataset("fgvc_aircraft").sources[0], md5=_md5(archive)),),
+        sources=(
+            dataclasses.replace(get_dataset("fgvc_aircraft").sources[0], md5=_md5(archive), sha256=None),
+        ),
         split_sizes={"train": 2, "val": 2, "test": 2},
         min_images=6,
     )
@@ -214,7 +216,7 @@ def test_eval_only_sets_keep_imagenet_labels(tmp_path, make_tar, monkeypatch, no
     spec = dataclasses.replace(
         base,
         num_classes=3,
-        sources=(dataclasses.replace(base.sources[0], md5=_md5(archive)),),
+        sources=(dataclasses.replace(base.sources[0], md5=_md5(archive), sha256=None),),
         layout=(base.image_dir,),
         split_sizes={"train": 0, "val": 0, "test": 6},
         min_images=6,
