@@ -24,6 +24,82 @@ if TYPE_CHECKING:
 log = logging.getLogger("blocklora")
 
 
+class UnsafeFolder(OSError):
+    """A folder that another user owns or may enter, where only ours will do: refused, as ssh-agent and tmux do."""
+
+
+class PrivateFolder:
+    """A folder that belongs to this user and that nobody else may enter, held open (runtime files:
+    the preload server's socket, the GPU locks).
+
+    Made with mode 0700 if missing; refused (:class:`UnsafeFolder`, naming it and the fix) if it is a
+    symlink, belongs to another user, or its mode lets others in. Files in it are reached through
+    the descriptor (``/proc/self/fd/N/name``), so the folder cannot be swapped after the check.
+    ``variable`` names the setting that chooses another folder, for the error message.
+    """
+
+    def __init__(self, path: str | Path, *, variable: str, create: bool = True) -> None:
+        self.path = Path(path)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.path, 0o700)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafeFolder(
+                    exc.errno,
+                    f"{self.path} is not a folder but a symlink or a file: remove it, or set "
+                    f"${variable} to a folder of your own",
+                ) from None
+            raise
+        info = os.fstat(self.fd)
+        problem = None
+        if info.st_uid != os.geteuid():
+            problem = (
+                f"belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): another user may have made "
+                "it to intercept your commands. Remove it"
+            )
+        elif info.st_mode & 0o077:
+            problem = (
+                f"has mode {stat.S_IMODE(info.st_mode):04o}, which lets other users in. Run chmod 700 on it"
+            )
+        if problem:
+            os.close(self.fd)
+            raise UnsafeFolder(
+                errno.EPERM,
+                f"refusing the folder {self.path}: it {problem}, or set ${variable} to a private folder of your own",
+            )
+        self._proc = Path(f"/proc/self/fd/{self.fd}")
+        self._via_proc = self._proc.is_dir()
+
+    def __enter__(self) -> PrivateFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def entry(self, name: str) -> str:
+        """A path to ``name`` in this very folder (through its descriptor where /proc allows)."""
+        return str((self._proc if self._via_proc else self.path) / name)
+
+    def open(self, name: str, flags: int, mode: int = 0o600) -> int:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
+
+    def names(self, suffix: str) -> list[str]:
+        return sorted(name for name in os.listdir(self.fd) if name.endswith(suffix))
+
+    def unlink(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.fd)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

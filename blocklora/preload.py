@@ -49,7 +49,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from blocklora.io import wait_for_lock
+from blocklora.io import PrivateFolder, UnsafeFolder, wait_for_lock
 
 # Settings read when torch and its libraries load, so a server serves only callers that agree on them.
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH", "CUDA_HOME", "LD_")
@@ -57,10 +57,6 @@ PACKAGE = Path(__file__).resolve().parent
 START_TIMEOUT = 120.0  # seconds a caller waits for a new server to finish its imports
 MAX_REQUEST = 16 << 20  # bytes of one request (arguments and environment)
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-class UnsafeFolder(OSError):
-    """A server folder that another user could enter or owns: refused, as ssh-agent and tmux do."""
 
 
 def enabled(environ: dict[str, str] | None = None) -> bool:
@@ -86,76 +82,6 @@ def server_dir() -> Path:
             if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077:
                 return Path(runtime) / "blocklora-preload"
     return Path(f"/tmp/blocklora-preload-{os.getuid()}")
-
-
-class PrivateFolder:
-    """A folder that belongs to this user and that nobody else may enter, held open.
-
-    Made with mode 0700 if missing; refused (:class:`UnsafeFolder`, naming it and the fix) if it is a
-    symlink, belongs to another user, or its mode lets others in. Files in it are reached through
-    the descriptor (``/proc/self/fd/N/name``), so the folder cannot be swapped after the check.
-    """
-
-    def __init__(self, path: Path, *, create: bool = True, variable: str = "BLOCKLORA_PRELOAD_DIR") -> None:
-        self.path = Path(path)
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(self.path, 0o700)
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise UnsafeFolder(
-                    exc.errno,
-                    f"{self.path} is not a folder but a symlink or a file: remove it, or set "
-                    f"${variable} to a folder of your own",
-                ) from None
-            raise
-        info = os.fstat(self.fd)
-        problem = None
-        if info.st_uid != os.geteuid():
-            problem = (
-                f"belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): another user may have made "
-                "it to intercept your commands. Remove it"
-            )
-        elif info.st_mode & 0o077:
-            problem = (
-                f"has mode {stat.S_IMODE(info.st_mode):04o}, which lets other users in. Run chmod 700 on it"
-            )
-        if problem:
-            os.close(self.fd)
-            raise UnsafeFolder(
-                errno.EPERM,
-                f"refusing the folder {self.path}: it {problem}, or set ${variable} to a private folder of your own",
-            )
-        self._proc = Path(f"/proc/self/fd/{self.fd}")
-        self._via_proc = self._proc.is_dir()
-
-    def __enter__(self) -> PrivateFolder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def entry(self, name: str) -> str:
-        """A path to ``name`` in this very folder (through its descriptor where /proc allows)."""
-        return str((self._proc if self._via_proc else self.path) / name)
-
-    def open(self, name: str, flags: int, mode: int = 0o600) -> int:
-        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
-
-    def names(self, suffix: str) -> list[str]:
-        return sorted(name for name in os.listdir(self.fd) if name.endswith(suffix))
-
-    def unlink(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=self.fd)
 
 
 def idle_seconds() -> float:
@@ -262,7 +188,7 @@ def _connect(path: str) -> socket.socket | None:
 
 
 def _connect_or_start(key: str, target: str, warm: str) -> socket.socket | None:
-    with PrivateFolder(server_dir()) as folder:
+    with PrivateFolder(server_dir(), variable="BLOCKLORA_PRELOAD_DIR") as folder:
         path = folder.entry(f"{key}.sock")
         connection = _connect(path)
         if connection is not None:
@@ -422,7 +348,7 @@ class _Server:
 def serve(folder_path: Path, key: str, package: Path, target: str, warm: str) -> None:
     """Run ``warm()``, then fork a child per request running ``target(argv)`` until idle; SIGTERM stops
     taking requests."""
-    folder = PrivateFolder(folder_path, create=False)
+    folder = PrivateFolder(folder_path, create=False, variable="BLOCKLORA_PRELOAD_DIR")
     resolve(warm)()
     run_command = resolve(target)
     import blocklora
@@ -620,7 +546,7 @@ def servers() -> list[dict]:
     if not folder_path.is_dir():
         return []
     found = []
-    with PrivateFolder(folder_path, create=False) as folder:
+    with PrivateFolder(folder_path, create=False, variable="BLOCKLORA_PRELOAD_DIR") as folder:
         for name in folder.names(".pid"):
             key = name.removesuffix(".pid")
             pid = _live_server(folder, name)
@@ -671,7 +597,7 @@ def stop_servers() -> int:
         except ProcessLookupError:
             continue
         try:
-            with PrivateFolder(server_dir(), create=False) as folder:
+            with PrivateFolder(server_dir(), create=False, variable="BLOCKLORA_PRELOAD_DIR") as folder:
                 if _live_server(folder, f"{server['key']}.pid") != server["pid"]:
                     continue
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
