@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from blocklora.data.errors import ChecksumError, DataError, DownloadError, ManualDownloadRequired
 from blocklora.data.registry import DatasetSpec, Source
-from blocklora.io import exclusive, write_json
+from blocklora.io import exclusive, write_json, write_text
 
 log = logging.getLogger("blocklora")
 
@@ -222,7 +222,7 @@ class _Staged:
         etag = response.headers.get("ETag")
         value = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
         if value:
-            self.validator.write_text(json.dumps({"url": url, "value": value}))
+            write_text(self.validator, json.dumps({"url": url, "value": value}))
         else:
             self.validator.unlink(missing_ok=True)
 
