@@ -439,3 +439,17 @@ def test_the_socket_is_private_and_a_server_leaves_no_socket_or_pid_file_behind(
         time.sleep(0.05)
     assert not alive(pid)
     assert sorted(p.suffix for p in folder.iterdir()) == [".lock", ".log"]
+
+
+def test_the_default_folder_is_the_login_s_private_runtime_folder_else_one_per_uid_in_tmp(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delenv("BLOCKLORA_PRELOAD_DIR", raising=False)
+    runtime = tmp_path / "run-user"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert preload.server_dir() == runtime / "blocklora-preload"
+    runtime.chmod(0o755)  # not private (an inherited setting after su, say): not used
+    assert preload.server_dir() == Path(f"/tmp/blocklora-preload-{os.getuid()}")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert preload.server_dir() == Path(f"/tmp/blocklora-preload-{os.getuid()}")
