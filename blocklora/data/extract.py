@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from blocklora.data.errors import ChecksumError, ExtractionError, LayoutError
 from blocklora.data.registry import DatasetSpec
 from blocklora.data.splits import IMAGE_EXTENSIONS, Split, missing_images
+from blocklora.io import exclusive
 
 # <dataset>/.extracted/<archive name>: written once an archive is extracted there.
 MARKER_DIR = ".extracted"
@@ -228,6 +229,14 @@ def _merge(source_fd: int, target_fd: int, name: str, where: Path) -> None:
 def _stage_and_merge(dest: Path, archive: Path, fill) -> None:
     """Run ``fill(target)`` into a private staging folder inside ``dest``; move what it made into
     ``dest`` only if it succeeds (a refused or corrupt archive leaves nothing behind)."""
+    with exclusive(dest / STAGING_PREFIX.rstrip("-")):  # one extraction at a time into a folder
+        for stale in dest.glob(f"{STAGING_PREFIX}*"):  # left by an extraction that was killed
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+        _stage_and_merge_locked(dest, archive, fill)
+
+
+def _stage_and_merge_locked(dest: Path, archive: Path, fill) -> None:
     dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dest))
     try:

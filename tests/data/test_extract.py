@@ -102,6 +102,11 @@ def test_not_an_archive_is_an_extraction_error(tmp_path):
 # refused links itself.
 
 
+def landed(folder: Path) -> list[str]:
+    """What is in ``folder`` but the lock that serializes extractions into it."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".extracting.lock")
+
+
 def _add(
     tar: tarfile.TarFile, name: str, *, data: bytes | None = None, symlink=None, hardlink=None, folder=False
 ):
@@ -147,7 +152,7 @@ def test_cpythons_cve_2025_4517_archive_writes_nothing_outside(tmp_path):
         safe_extract(archive, dest)
     assert flag.read_text() == "precious"
     assert not (tmp_path / "newfile").exists()
-    assert not dest.exists() or list(dest.iterdir()) == [], "nothing is extracted from a refused archive"
+    assert not dest.exists() or landed(dest) == [], "nothing is extracted from a refused archive"
 
 
 def test_a_chain_of_directory_symlinks_cannot_lead_a_file_out(tmp_path, monkeypatch):
@@ -218,7 +223,7 @@ def test_what_an_archive_may_expand_to_is_capped(tmp_path):
     with pytest.raises(ExtractionError, match=r"expands to more than 16\.0 MiB.*max_bytes"):
         safe_extract(archive, tmp_path / "out", max_bytes=16 << 20)
     assert not (tmp_path / "out" / "zeros.bin").exists()
-    assert [p.name for p in (tmp_path / "out").iterdir()] == []  # no staging folder left behind
+    assert landed(tmp_path / "out") == []  # no staging folder left behind either
 
 
 def test_the_archive_is_verified_by_the_very_bytes_that_are_extracted(tmp_path, make_tar):
@@ -230,7 +235,7 @@ def test_the_archive_is_verified_by_the_very_bytes_that_are_extracted(tmp_path, 
     make_tar(archive, {**MEMBERS, "top/a/1.jpg": b"swapped"})  # replaced after it was downloaded
     with pytest.raises(ChecksumError, match=rf"sha256 of .*x\.tar\.gz is [0-9a-f]{{64}}, expected {good}"):
         safe_extract(archive, tmp_path / "out", sha256=good)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == []
+    assert landed(tmp_path / "out") == []
     make_tar(archive, MEMBERS)
     with tarfile.open(archive) as tar:
         names = tar.getnames()
@@ -247,3 +252,12 @@ def test_a_second_archive_merges_into_folders_the_first_made(tmp_path, make_tar,
     )
     assert (tmp_path / "out/top/a/1.jpg").read_bytes() == b"new"
     assert (tmp_path / "out/top/b/2.jpg").read_bytes() == b"two"
+
+
+def test_a_staging_folder_left_by_a_killed_extraction_is_removed_by_the_next(tmp_path, make_tar):
+    stale = tmp_path / "out" / ".extracting-k1lled"
+    stale.mkdir(parents=True)
+    (stale / "half.jpg").write_bytes(b"x" * 1000)
+    safe_extract(make_tar(tmp_path / "x.tar", MEMBERS, "w"), tmp_path / "out")
+    assert not stale.exists()
+    assert (tmp_path / "out/top/a/1.jpg").read_bytes() == b"one"
