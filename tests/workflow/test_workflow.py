@@ -314,3 +314,17 @@ def test_a_wrong_hyper_parameter_stops_the_workflow_before_any_job(tmp_path, hpa
         snakemake(tmp_path, "-n", "--config", f"suites={{paper: {{hparams: {hparams}}}}}")
     )
     assert re.search(message, text) and "suite 'paper'" in text
+
+
+def test_a_config_value_that_reaches_a_shell_cannot_run_commands(tmp_path):
+    """demo.backbone is a word of the pre-training job's command line: a value carrying shell syntax
+    is refused by the schema (naming it), and would be quoted anyway."""
+    injected = "demo-tiny$(touch INJECTED)"
+    result = snakemake(
+        tmp_path, "--cores", "1", "results/demo/backbone.pt",
+        "--config", f"demo={{backbone: '{injected}', corpus_images: 2}}",
+        env={"BLOCKLORA_PRELOAD": "0", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert not (tmp_path / "INJECTED").exists(), "a config value ran a shell command"
+    text = failed_before_any_job(result)
+    assert injected in text and "does not match" in text and "backbone" in text
