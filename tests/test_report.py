@@ -13,6 +13,7 @@ import pytest
 from blocklora import report
 from blocklora.cli import main as cli_main
 from blocklora.published import FEW_SHOT_DATASETS, PublishedEntry, load_published
+from blocklora.records import PROTOCOL_VERSION
 
 DATASETS = ["caltech101", "dtd", "eurosat"]
 METHODS = ["zeroshot", "lora", "blocklora"]
@@ -29,7 +30,7 @@ def fake_accuracy(method: str, dataset: str, shots: int, seed: int) -> float:
 
 
 def make_record(method: str, dataset: str, shots: int, seed: int, suite: str = "paper") -> dict:
-    """A run record with the contract's fields."""
+    """A run record with the contract's fields (workflow/schemas/record.schema.json), and one more (suite)."""
     return {
         "method": method,
         "dataset": dataset,
@@ -52,6 +53,8 @@ def make_record(method: str, dataset: str, shots: int, seed: int, suite: str = "
         "versions": {"torch": "2.x"},
         "git_commit": None,
         "created": "2026-01-01T00:00:00+00:00",
+        "protocol_version": PROTOCOL_VERSION,
+        "inputs": {"fewshot": "0" * 64},
     }
 
 
@@ -297,9 +300,12 @@ def test_records_of_different_protocol_versions_are_refused_unless_allowed(tmp_p
     paths = write_records(tmp_path / "results")
     for path in paths[:3]:
         record = json.loads(path.read_text())
-        record["protocol_version"] = 0
+        record["protocol_version"] = PROTOCOL_VERSION - 1
         path.write_text(json.dumps(record))
-    with pytest.raises(ValueError, match=r"different protocol versions \(unversioned: .*version 0: 3 record"):
+    older, newer = PROTOCOL_VERSION - 1, PROTOCOL_VERSION
+    with pytest.raises(
+        ValueError, match=rf"different protocol versions \(version {older}: 3 record.*version {newer}: "
+    ):
         report.load_runs(tmp_path / "results" / "runs")
     assert len(report.load_runs(tmp_path / "results" / "runs", allow_mixed=True)) == len(paths)
 
@@ -575,3 +581,32 @@ def test_report_cli_writes_both_new_sections(tmp_path, caplog):
     bad.write_text("- {method: X, backbone: b, source: s, url: u, accuracy: {dtdd: {1: 5}}}\n")
     assert cli_main([*argv, "--published", str(bad)]) == 1
     assert re.search(r"bad\.yaml, entry 1 \(X\), field `accuracy\.dtdd`: unknown dataset", caplog.text)
+
+
+# ------------------------------------------------------------------ the record schema
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("accuracy", ..., "field 'accuracy': missing"),
+        ("accuracy", "72.3", "field 'accuracy': '72.3' is not of type 'number'"),
+        ("seed", 1.5, "field 'seed': 1.5 is not of type 'integer', 'null'"),
+    ],
+)
+def test_a_record_that_breaks_the_schema_stops_the_report_naming_file_and_field(
+    tmp_path, caplog, field, value, message
+):
+    paths = write_records(tmp_path / "results")
+    bad = paths[7]
+    record = json.loads(bad.read_text())
+    if value is ...:
+        del record[field]
+    else:
+        record[field] = value
+    bad.write_text(json.dumps(record))
+    out = tmp_path / "report"
+    argv = ["report", "--records", str(tmp_path / "results" / "runs"), "--out-dir", str(out)]
+    assert cli_main(argv) == 1
+    assert f"{bad}: {message}" in caplog.text
+    assert not (out / "report.md").exists()
