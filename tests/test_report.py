@@ -583,7 +583,7 @@ def test_report_cli_writes_both_new_sections(tmp_path, caplog):
     assert re.search(r"bad\.yaml, entry 1 \(X\), field `accuracy\.dtdd`: unknown dataset", caplog.text)
 
 
-# ------------------------------------------------------------------ the record schema
+# ------------------------------------------------------------------ the record schema, and runs made by a rule
 
 
 @pytest.mark.parametrize(
@@ -610,3 +610,33 @@ def test_a_record_that_breaks_the_schema_stops_the_report_naming_file_and_field(
     assert cli_main(argv) == 1
     assert f"{bad}: {message}" in caplog.text
     assert not (out / "report.md").exists()
+
+
+def test_a_method_made_by_a_rule_shows_in_the_efficiency_table_as_not_profiled(tmp_path):
+    paths = write_records(tmp_path / "results", methods=[*METHODS, "knn"], variants={"knn": "lora"})
+    for path in paths:
+        record = json.loads(path.read_text())
+        if "/knn/" in str(path):
+            record.update(method="knn_baseline", external=True, rule="knn_baseline", trainable_params=0)
+            record.update(code_version=None, command="python knn.py")
+            path.write_text(json.dumps(record))
+    # labelled LABEL=PATH, as the workflow gives them
+    runs = report.load_runs([f"{path.parent.parent.name}={path}" for path in paths])
+    profiles = report.load_profiles(write_profiles(tmp_path / "results"))
+    out = tmp_path / "out"
+    report.write_report(runs, profiles, out, methods=[*METHODS, "knn"])
+    table = (out / "efficiency.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| k-NN"))
+    assert row.split(" | ")[1:3] == ["0", "0.000"]  # trainable parameters, from its records
+    assert row.count(report.NOT_PROFILED) == 4
+    assert "Not profiled: k-NN (CLIP features) (rule `knn_baseline`)" in table
+    assert "| LoRA | 184,320 |" in table and table.count(report.NOT_PROFILED) == 4  # its cells only
+    text = (out / "report.md").read_text()
+    assert "Not profiled: k-NN (CLIP features)" in text.split("## Efficiency")[1]
+    assert "| k-NN (CLIP features) |" in text.split("## Paired comparison")[0]
+    efficiency = pd.read_csv(out / "efficiency.csv").set_index("label")
+    assert efficiency.loc["knn", "rule"] == "knn_baseline" and not efficiency.loc["knn", "profiled"]
+    assert "Not profiled" in (out / "efficiency.tex").read_text()
+    without = tmp_path / "without"
+    report.write_report(runs, profiles, without, methods=METHODS)
+    assert report.NOT_PROFILED not in (without / "efficiency.md").read_text()
