@@ -305,6 +305,32 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_script(args: argparse.Namespace) -> int:
+    """``python SCRIPT ARGS`` as a fresh interpreter would run it (``__main__``, ``sys.argv``, the
+    script's folder first on the import path, a traceback and status 1 on an error), but started from
+    the preloaded process, where torch and open_clip are imported already."""
+    import runpy
+    import traceback
+    from pathlib import Path
+
+    script = Path(args.script)
+    if not script.is_file():
+        raise FileNotFoundError(f"no script {script}")
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.resolve().parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from blocklora.report import build_report
 
@@ -583,6 +609,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_record)
 
+    p = sub.add_parser(
+        "script",
+        help="run a Python script as `python SCRIPT ARGS` would, from the preloaded process (torch imported)",
+        description="Run SCRIPT with ARGS as `python SCRIPT ARGS` would, but started from the preload server "
+        "(README, 'Job start-up'), where torch, torchvision and open_clip are imported already: a job of a "
+        "baseline made by a rule of its own then starts in a fraction of a second instead of seconds.",
+    )
+    p.add_argument("script", help="the Python script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    p.set_defaults(func=cmd_script)
+
     p = sub.add_parser("report", help="tables and figures of a suite from run records and profiles")
     p.add_argument(
         "--records",
@@ -635,10 +672,11 @@ def _add_data_arguments(p: argparse.ArgumentParser, datasets: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.func is not cmd_script:  # a script sets up its own logging, as under `python SCRIPT`
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     try:
         return args.func(args)
     except BrokenPipeError:  # `blocklora methods | head`: the reader has what it wanted
@@ -652,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # Commands worth a preloaded process: those that import torch (or pandas and matplotlib).
-HEAVY_COMMANDS = frozenset({"train", "transfer", "profile", "report", "pretrain-demo", "plan"})
+HEAVY_COMMANDS = frozenset({"train", "transfer", "profile", "report", "pretrain-demo", "plan", "script"})
 
 
 def command_of(argv: Sequence[str]) -> str | None:
