@@ -13,6 +13,7 @@ from blocklora.cli import main
 from blocklora.experiment import build_run, run_experiment
 from blocklora.methods import FewShotTask, configured_method
 from blocklora.methods.lora import LoRA
+from blocklora.records import record_problems
 from blocklora.train import BatchSampler, TrainStep, compile_options, cosine_lr, make_optimizer
 
 FAST = {
@@ -78,6 +79,7 @@ def test_a_tiny_training_run_lowers_the_loss_and_beats_chance(
     assert record["iterations"] == 60
     on_disk = json.loads((tmp_path / f"{method}.json").read_text())
     assert set(on_disk) >= RECORD_KEYS
+    assert record_problems(on_disk) == []  # workflow/schemas/record.schema.json
     assert on_disk["accuracy"] == record["accuracy"]
     assert on_disk["peak_memory_mib"] is None and on_disk["device"].startswith("cpu")
     assert on_disk["hparams"]["rank"] == 4 and on_disk["hparams"]["weight_decay"] == 1e-2
