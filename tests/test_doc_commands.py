@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -100,9 +101,12 @@ def _id(item: tuple[str, list[str]]) -> str:
     return f"{item[0]}: {shlex.join(item[1])[:90]}"
 
 
-@pytest.mark.parametrize("item", [i for i in ALL if kind(i[1]) == "snakemake"], ids=_id)
-def test_snakemake_commands_build_their_dag(item, tmp_path):
-    args = item[1][1:]
+SNAKEMAKE = [i for i in ALL if kind(i[1]) == "snakemake"]
+
+
+def _dry_run(argv: list[str], directory: Path) -> subprocess.CompletedProcess:
+    """Run one documented snakemake command as a dry run (or as written for --unlock / --lint)."""
+    args = argv[1:]
     if "--sdm" in args:  # conda is not installed everywhere; the DAG is the same without it
         at = args.index("--sdm")
         args = args[:at] + args[at + 2 :]
@@ -113,9 +117,44 @@ def test_snakemake_commands_build_their_dag(item, tmp_path):
         args = ["-n", *args]
     if "-n" in args and "--quiet" not in args:  # the DAG is built all the same; no job is printed
         args = [*args, "--quiet"]
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(directory),
+    ]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the CPUs this process may use
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+@pytest.fixture(scope="module")
+def dry_runs(request, tmp_path_factory):
+    """The selected commands' runs, started together, as many at a time as this process has CPUs.
+
+    Each is one single-threaded snakemake process building its DAG, so they overlap well; each test
+    below then waits for its own command's result.
+    """
+    selected = [
+        item.callspec.params["item"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_snakemake_commands_build_their_dag"
+    ]
+    with ThreadPoolExecutor(max_workers=_cpus()) as pool:
+        yield {_id(item): pool.submit(_dry_run, item[1], tmp_path_factory.mktemp("dag")) for item in selected}
+
+
+@pytest.mark.parametrize("item", SNAKEMAKE, ids=_id)
+def test_snakemake_commands_build_their_dag(item, dry_runs):
+    result = dry_runs[_id(item)].result()
     assert result.returncode == 0, f"{shlex.join(item[1])}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
 
 
