@@ -19,6 +19,8 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/profile.smk"
 include: "workflow/rules/report.smk"
+# Baselines made by rules of their own (README, "Adding a baseline as a rule"): include yours here.
+include: "workflow/rules/knn_baseline.smk"
 
 
 # The reports, and everything they are made of: a run, profile or prepared dataset deleted by hand
@@ -30,3 +32,7 @@ rule all:
         [f"{RESULTS}/{path}" for path in PROFILES],
         [PLAN.split_file(dataset) for dataset in PLAN.datasets_used()],
     default_target: True
+
+
+# Once every rule file is included: each method entry with `rule:` names a rule above that writes its runs.
+check_external_rules()

@@ -32,6 +32,7 @@ class MethodCost:
     hours: float | None = None
     prompts: int = 0  # through the text encoder, training and testing, over all runs
     images: int = 0  # through the image encoder, training and testing, over all runs
+    rule: str | None = None  # made by this rule of its own: its code's cost is not known here
 
 
 @dataclass
@@ -62,8 +63,12 @@ class Budget:
 
 
 def run_cost(run: Run) -> RunCost:
-    """Steps and text-encoder prompts of ``run``, from its method and its dataset's published sizes."""
+    """Steps and text-encoder prompts of ``run``, from its method and its dataset's published sizes
+    (none counted for a run made by a rule of its own: its code is not the library's)."""
     from blocklora.methods import FewShotTask, get_method
+
+    if run.method.rule:
+        return RunCost(0, False, 0, 0)
 
     method = get_method(run.method.library, run.method.module)
     if not run.method.needs_fewshot:
@@ -115,7 +120,7 @@ def budget(plan: Plan) -> Budget:
         costs: dict[str, MethodCost] = {}
         rows = []
         for label, run in suite.runs:
-            cost = costs.setdefault(label, MethodCost(label))
+            cost = costs.setdefault(label, MethodCost(label, rule=run.method.rule))
             this = run_cost(run)
             cost.runs += 1
             cost.done += (Path(plan.results) / run.folder / "record.json").is_file()
@@ -138,8 +143,13 @@ def budget(plan: Plan) -> Budget:
             if cost.hours is None and cost.iterations and not any(m == f"{name}:{label}" for m, _ in steps):
                 result.unprofiled.add(label)
         result.methods[name] = costs
+    runs = plan.all_runs().values()
     result.jobs = {
-        "train": len(plan.all_runs()),
+        "train": sum(not run.method.rule for run in runs),
+        **{
+            rule: sum(run.method.rule == rule for run in runs)
+            for rule in sorted({r.method.rule for r in runs} - {None})
+        },
         "transfer": len(plan.all_transfers()),
         "profile": len(plan.all_profiles()),
         "report": len(plan.suites),
@@ -237,7 +247,9 @@ def lines(plan: Plan) -> list[str]:
         )
         out.append(f"  {header}")
         for label, method in cost.methods[name].items():
-            if method.hours is not None:
+            if method.rule:
+                hours = f"{'own rule':>13s}"
+            elif method.hours is not None:
                 hours = f"{method.hours:13.2f}"
             elif method.trains_on_features:
                 hours = f"{'features':>13s}"
@@ -267,6 +279,12 @@ def lines(plan: Plan) -> list[str]:
             "machine that runs it"
         )
     out.append("'features': trains on cached frozen features, minutes per run; '-': trains nothing")
+    made_by = sorted({m.rule for costs in cost.methods.values() for m in costs.values() if m.rule})
+    if made_by:
+        out.append(
+            f"'own rule': made by a rule of its own ({', '.join(made_by)}), whose code's cost is not known here: "
+            "neither its steps nor its device-hours are counted"
+        )
     out.append(
         "prompts, images: through the text and the image encoder, training and testing (a step encodes every "
         "class's prompt, CoCoOp's for every image; PLOT++ sees each image once per image prompt)"

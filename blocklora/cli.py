@@ -256,6 +256,81 @@ def cmd_preload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_file(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=PATH (e.g. fewshot=results/fewshot/...), got {text!r}"
+        )
+    return name, path
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """Light (no torch): an external script's record, from any shell."""
+    from blocklora.records import write_record
+
+    if (args.shots is None) != (args.seed is None):
+        raise ValueError(
+            "give --shots and --seed together, or neither (a method that uses no few-shot subset)"
+        )
+    inputs = dict(args.input)
+    if len(inputs) < len(args.input):
+        raise ValueError(f"--input names a file twice: {[name for name, _ in args.input]}")
+    write_record(
+        args.record,
+        method=args.method,
+        dataset=args.dataset,
+        shots=args.shots,
+        seed=args.seed,
+        backbone=args.backbone,
+        pretrained=args.pretrained,
+        accuracy=args.accuracy,
+        test_size=args.test_size,
+        num_classes=args.num_classes,
+        device=args.device,
+        trainable_params=args.trainable_params,
+        total_params=args.total_params,
+        iterations=args.iterations,
+        train_seconds=args.train_seconds,
+        eval_seconds=args.eval_seconds,
+        peak_memory_mib=args.peak_memory_mib,
+        hparams=args.hparams,
+        stats=args.stats,
+        inputs=inputs,
+        code_version=args.code_version,
+        rule=args.rule,
+        command=args.command if args.command is not None else ["blocklora", *sys.argv[1:]],
+    )
+    print(args.record)
+    return 0
+
+
+def cmd_script(args: argparse.Namespace) -> int:
+    """``python SCRIPT ARGS`` as a fresh interpreter would run it (``__main__``, ``sys.argv``, the
+    script's folder first on the import path, a traceback and status 1 on an error), but started from
+    the preloaded process, where torch and open_clip are imported already."""
+    import runpy
+    import traceback
+    from pathlib import Path
+
+    script = Path(args.script)
+    if not script.is_file():
+        raise FileNotFoundError(f"no script {script}")
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.resolve().parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from blocklora.report import build_report
 
@@ -483,6 +558,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="store_true", help="stop them (running jobs finish first)")
     p.set_defaults(func=cmd_preload)
 
+    p = sub.add_parser(
+        "record",
+        help="write a run record from what an external script knows (a baseline run by a rule of its own)",
+        description="Write a run record (workflow/schemas/record.schema.json) atomically, checked against "
+        "the schema, with the protocol version, the sha256 of each --input, the command line, package "
+        "versions and the time filled in. README: 'Adding a baseline as a rule'.",
+    )
+    p.add_argument("--record", required=True, help="the record file to write (the rule's output.record)")
+    p.add_argument("--method", required=True, help="the method's name (a rule-made run: the rule's name)")
+    p.add_argument("--dataset", required=True, help="the dataset tested on")
+    p.add_argument(
+        "--shots", type=_positive_int, default=None, help="shots per class (omit with --seed for none)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the few-shot subset")
+    p.add_argument(
+        "--backbone", required=True, help="open_clip model name (or a blocklora config: demo-tiny)"
+    )
+    p.add_argument(
+        "--pretrained", default=None, help="open_clip tag or checkpoint file; none for random weights"
+    )
+    p.add_argument("--accuracy", type=float, required=True, help="top-1 test accuracy as a fraction (0.723)")
+    p.add_argument("--test-size", type=_positive_int, required=True, help="test images the accuracy is over")
+    p.add_argument("--num-classes", type=_positive_int, required=True, help="classes of the task")
+    p.add_argument("--device", required=True, help="what it ran on, e.g. 'NVIDIA H100' or 'cpu'")
+    p.add_argument("--trainable-params", type=int, default=0, help="parameters it learns (default 0)")
+    p.add_argument("--total-params", type=int, default=None, help="all parameters, frozen ones included")
+    p.add_argument("--iterations", type=int, default=None, help="training steps, where the code counts them")
+    p.add_argument("--train-seconds", type=float, default=0.0, help="wall time of training (default 0)")
+    p.add_argument("--eval-seconds", type=float, default=None, help="wall time of the test evaluation")
+    p.add_argument("--peak-memory-mib", type=float, default=None, help="peak GPU memory")
+    p.add_argument(
+        "--hparams", type=_json_object, default={}, help="JSON object: the hyper-parameters it ran with"
+    )
+    p.add_argument(
+        "--stats", type=_json_object, default={}, help="JSON object: free-form training statistics"
+    )
+    p.add_argument(
+        "--input",
+        type=_named_file,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an input file whose sha256 the record keeps (repeat: --input fewshot=F --input split=S)",
+    )
+    p.add_argument("--code-version", default=None, help="version of the external code, e.g. its git commit")
+    p.add_argument("--rule", default=None, help="the workflow rule that ran it")
+    p.add_argument(
+        "--command", default=None, help="the command line that made the run (default: this command)"
+    )
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser(
+        "script",
+        help="run a Python script as `python SCRIPT ARGS` would, from the preloaded process (torch imported)",
+        description="Run SCRIPT with ARGS as `python SCRIPT ARGS` would, but started from the preload server "
+        "(README, 'Job start-up'), where torch, torchvision and open_clip are imported already: a job of a "
+        "baseline made by a rule of its own then starts in a fraction of a second instead of seconds.",
+    )
+    p.add_argument("script", help="the Python script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    p.set_defaults(func=cmd_script)
+
     p = sub.add_parser("report", help="tables and figures of a suite from run records and profiles")
     p.add_argument(
         "--records",
@@ -535,10 +672,11 @@ def _add_data_arguments(p: argparse.ArgumentParser, datasets: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.func is not cmd_script:  # a script sets up its own logging, as under `python SCRIPT`
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     try:
         return args.func(args)
     except BrokenPipeError:  # `blocklora methods | head`: the reader has what it wanted
@@ -552,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # Commands worth a preloaded process: those that import torch (or pandas and matplotlib).
-HEAVY_COMMANDS = frozenset({"train", "transfer", "profile", "report", "pretrain-demo", "plan"})
+HEAVY_COMMANDS = frozenset({"train", "transfer", "profile", "report", "pretrain-demo", "plan", "script"})
 
 
 def command_of(argv: Sequence[str]) -> str | None:

@@ -95,19 +95,19 @@ def coerce(value: Any, spec: str) -> Any:
         raise ValueError(f"unknown type {unknown[0]!r} in spec {spec!r}: use {', '.join(TYPES)}")
     if any(_matches(value, s) for s in options):
         if isinstance(value, list | tuple):
-            return [_plain(item) for item in value]
+            return [plain(item) for item in value]
         return value
     if isinstance(value, str):
         for option in options:  # text that reads as another option is that option ("null" is None)
             parsed, result = _from_text(value, option)
             if parsed:
-                return [_plain(item) for item in result] if isinstance(result, list) else result
+                return [plain(item) for item in result] if isinstance(result, list) else result
         if "str" in options:
             return value
     raise ValueError(f"expected {' or '.join(options)}, got {value!r}")
 
 
-def _plain(item: Any) -> Any:
+def plain(item: Any) -> Any:
     """List items as YAML would type them (``"0.5"`` -> 0.5), so coerced lists equal written ones."""
     if isinstance(item, str):
         try:

@@ -9,6 +9,7 @@ target. Merging folds every ΔW into those shared parameters and puts the origin
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,7 @@ def adapted_attentions(model: nn.Module) -> Iterator[tuple[str, nn.Module, Adapt
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold all adapters into the frozen weights and restore open_clip's attention modules."""
+    backbone_weights_sha256(model)  # the backbone's identity, while its weights are still its own
     parked: dict[str, AdaptedAttention] = {}
     for name, block, attn in adapted_attentions(model):
         if attn.merged:
@@ -355,16 +357,43 @@ def count_parameters(modules: Sequence[nn.Module] | nn.Module) -> tuple[int, int
     return trainable, sum(p.numel() for p in seen.values())
 
 
+def backbone_weights_sha256(model: nn.Module) -> str:
+    """sha256 of the backbone's own weights (every tensor of its state dict but the adapters': names,
+    dtypes, shapes and bytes), computed once per model and kept.
+
+    Taken before any merge (:func:`merge_adapters` takes it first), since merging changes the
+    weights; a merged model that never had it cannot say which weights it started from.
+    """
+    known = getattr(model, "blocklora_weights_sha256", None)
+    if known is not None:
+        return known
+    if is_merged(model):
+        raise ValueError(
+            "this model's adapters were merged before its weights were hashed: load a fresh backbone"
+        )
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if ".adapters." in f".{name}":
+            continue
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}\n".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    object.__setattr__(model, "blocklora_weights_sha256", digest.hexdigest())
+    return model.blocklora_weights_sha256
+
+
 def backbone_identity(model: nn.Module) -> dict[str, Any]:
     return dict(getattr(model, "blocklora_backbone", {}) or {})
 
 
 def save_adapters(model: nn.Module, path: str | Path, **extra: Any) -> None:
-    """Write only the adapter tensors plus what is needed to rebuild them (small safetensors file)."""
+    """Write only the adapter tensors plus what is needed to rebuild them (small safetensors file),
+    and the identity of the backbone they were trained on: its name, weights file and a sha256 of
+    its weights."""
     metadata = {
         "format": ADAPTER_FORMAT,
         "config": adapter_config(model),
-        "backbone": backbone_identity(model),
+        "backbone": {**backbone_identity(model), "weights_sha256": backbone_weights_sha256(model)},
         **extra,
     }
     write_tensors(path, adapter_state(model), metadata)
@@ -381,18 +410,42 @@ def _check_format(saved: dict[str, Any], path: str | Path) -> None:
             f"{path} is not an adapter file of this blocklora (format {saved.get('format')!r}, expected "
             f"{ADAPTER_FORMAT!r}); retrain it with this version"
         )
+    backbone, config = saved.get("backbone"), saved.get("config")
+    missing = [
+        f"backbone.{key}"
+        for key in ("name", "pretrained", "weights_sha256")
+        if not isinstance(backbone, dict) or key not in backbone
+    ] + (["config"] if not isinstance(config, dict) else [])
+    if missing:
+        raise ValueError(
+            f"{path} lacks {', '.join(missing)} in its metadata, so nothing says which backbone and "
+            "adapters it holds: it was not written by this blocklora's save_adapters; retrain it"
+        )
 
 
-def check_compatible(saved: dict[str, Any], model: nn.Module, path: str | Path) -> None:
-    """Refuse an adapter file made for another backbone or adapter configuration."""
-    _check_format(saved, path)
-    mine, theirs = backbone_identity(model), saved.get("backbone", {})
+def _check_backbone(saved: dict[str, Any], model: nn.Module, path: str | Path) -> None:
+    """Refuse an adapter file trained on another backbone: another name or weights file, or weights
+    that hash differently (two checkpoints may share a file name)."""
+    mine, theirs = backbone_identity(model), saved["backbone"]
+    said = f"{path} was trained on backbone {theirs.get('name')} / {theirs.get('pretrained')}"
     for key in ("name", "pretrained"):
         if mine.get(key) and theirs.get(key) and mine[key] != theirs[key]:
             raise ValueError(
-                f"{path} was trained on backbone {theirs.get('name')} / {theirs.get('pretrained')}, "
-                f"but this model is {mine.get('name')} / {mine.get('pretrained')}: load it onto that backbone"
+                f"{said}, but this model is {mine.get('name')} / {mine.get('pretrained')}: load it onto that backbone"
             )
+    weights = backbone_weights_sha256(model)
+    if theirs["weights_sha256"] != weights:
+        raise ValueError(
+            f"{said} with weights of sha256 {theirs['weights_sha256']}, but this model's weights hash to "
+            f"{weights}: another checkpoint under the same name? Load it onto the weights it was trained on"
+        )
+
+
+def check_compatible(saved: dict[str, Any], model: nn.Module, path: str | Path) -> None:
+    """Refuse an adapter file made for another backbone or adapter configuration, or one that does
+    not say which (missing metadata)."""
+    _check_format(saved, path)
+    _check_backbone(saved, model, path)
     config, their_config = adapter_config(model), saved.get("config", {})
     differing = {
         k: (their_config.get(k), config.get(k))
@@ -413,11 +466,14 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
     rank, blocks, alpha, scaling, targets, encoders, layers, dropout, fuse, init), so a fresh
     ``load_backbone(...)`` reproduces the trained model. A model that has adapters must have the
     file's (a named error otherwise); a merged one is unmerged, swapped and merged again, so one
-    loaded backbone can switch between tasks without reloading its base weights.
+    loaded backbone can switch between tasks without reloading its base weights. The file must name
+    the backbone it was trained on (name, weights file, sha256 of the weights) and it must be this
+    one; every tensor must have the model's exact shape and dtype.
     """
     tensors, meta = read_tensors(path)
     if getattr(model, "blocklora_config", None) is None:
         _check_format(meta, path)
+        _check_backbone(meta, model, path)  # before the bare backbone gets adapters
         _adapt_as_saved(model, meta, path)
     check_compatible(meta, model, path)
     state = adapter_state(model)
@@ -427,9 +483,10 @@ def load_adapters(model: nn.Module, path: str | Path) -> dict[str, Any]:
             f"{path} does not match the model's adapters: missing {missing[:4]}, unexpected {unexpected[:4]}"
         )
     for key, tensor in tensors.items():
-        if tensor.shape != state[key].shape:
+        if tensor.shape != state[key].shape or tensor.dtype != state[key].dtype:
             raise ValueError(
-                f"{path}: {key} has shape {tuple(tensor.shape)}, model expects {tuple(state[key].shape)}"
+                f"{path}: {key} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, model expects "
+                f"{tuple(state[key].shape)} and {state[key].dtype}"
             )
     merged = is_merged(model)
     attentions = [attn for _, _, attn in adapted_attentions(model)]

@@ -16,6 +16,11 @@ transfer (a trained run tested on another dataset) lives among the target's runs
 Suites differ only in which of these their report gathers, under which labels (their entries of
 ``methods:``).
 
+A method entry with ``rule: NAME`` is a baseline made by a rule of the workflow rather than by the
+library (README, "Adding a baseline as a rule"): its runs are that rule's jobs, in
+``runs/<backbone>_<weights>/<dataset>/<rule>-<hash>/shots<K>_seed<S>/`` (the hash of the rule and its
+hyper-parameters, which are free-form: the rule's script checks them), with no profile and no transfer.
+
 Building the plan checks everything a job would otherwise find out hours later: suite, dataset and
 method names, every hyper-parameter's name and type (against the method catalog, with the library's
 own errors), which methods can be tested on other classes, and the file of published numbers the
@@ -31,6 +36,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +45,11 @@ from typing import Any
 from blocklora import hparams as hp_types
 from blocklora.catalog import load_catalog
 
-METHOD_KEYS = ("method", "module")  # keys of a `methods:` entry that are not hyper-parameters
+METHOD_KEYS = ("method", "module", "rule")  # keys of a `methods:` entry that are not hyper-parameters
 DEMO_CHECKPOINT = "demo/backbone.pt"  # under results_dir; built by the demo pre-training rule
 PUBLISHED = "workflow/published/few_shot.yaml"  # config `published:` when not given; under the repository
 FIXTURES = "fixtures"  # under the rehearsal's results_dir: the fixture archives and sources.json
+MODEL_CONFIGS = Path(__file__).resolve().with_name("model_configs")  # blocklora's backbones (demo-tiny)
 
 
 class ConfigError(ValueError):
@@ -163,7 +170,10 @@ class Setup:
 @dataclass(frozen=True)
 class MethodSetup:
     """A registered method with its hyper-parameters: the overrides the config gives and, for a
-    method in the catalog, the resolved values the run will use (both as canonical JSON)."""
+    method in the catalog, the resolved values the run will use (both as canonical JSON).
+
+    A method made by a rule of the workflow (``rule``) has the rule's name as ``library``, and its
+    free-form hyper-parameters, ``when`` rules applied, as its resolved values."""
 
     library: str
     module: str | None
@@ -172,6 +182,7 @@ class MethodSetup:
     resolved_json: str
     needs_fewshot: bool = True
     class_agnostic: bool = True
+    rule: str | None = None
 
     @property
     def overrides(self) -> dict[str, Any]:
@@ -184,7 +195,10 @@ class MethodSetup:
 
     @property
     def folder(self) -> str:
-        key = {"method": self.library, "module": self.module, "hparams": self.hparams}
+        if self.rule:
+            key: dict[str, Any] = {"rule": self.rule, "hparams": self.hparams}
+        else:
+            key = {"method": self.library, "module": self.module, "hparams": self.hparams}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return f"{self.library}-{digest[:8]}"
 
@@ -341,6 +355,9 @@ class Plan:
             for key in METHOD_KEYS:
                 if key in entry and not isinstance(entry[key], str):
                     raise ConfigError(f"method entry {name!r}: `{key}` must be a string, got {entry[key]!r}")
+            if "rule" in entry:
+                self._check_rule_entry(name, entry)
+                continue
             library = entry.get("method", name)
             if not entry.get("module") and library not in self.catalog:
                 raise ConfigError(
@@ -348,6 +365,41 @@ class Plan:
                     f"{_known(self.catalog)}. A new method is a module in blocklora/methods/ with a "
                     "@register_method class (then `blocklora methods --write-catalog`), or name its module with module:"
                 )
+
+    def _check_rule_entry(self, name: str, entry: Mapping[str, Any]) -> None:
+        """A `rule:` entry names a rule (checked against the workflow's rules once they are read:
+        ``workflow/rules/common.smk``) that cannot be mistaken for the library's methods."""
+        rule = entry["rule"]
+        where = f"method entry {name!r}"
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", rule):
+            raise ConfigError(f"{where}: `rule: {rule}` is not a rule name (letters, digits and _)")
+        given = [key for key in ("method", "module") if key in entry]
+        if given:
+            raise ConfigError(
+                f"{where}: `rule: {rule}` says its runs are made by that rule, not by the library: drop "
+                f"`{'` and `'.join(given)}`"
+            )
+        if rule in self.library_methods():
+            raise ConfigError(
+                f"{where}: rule {rule!r} has the name of a method of the library, so their run folders would "
+                "be one; rename the rule"
+            )
+
+    def library_methods(self) -> set[str]:
+        """The methods the library's train, transfer and profile jobs run: the catalog's, and those of
+        entries with ``module:``."""
+        methods = self.config["methods"]
+        return set(self.catalog) | {
+            spec.get("method", name) for name, spec in methods.items() if spec.get("module")
+        }
+
+    def external_rules(self) -> dict[str, list[str]]:
+        """``{rule: [method entries]}``: the rules that make the runs of entries with ``rule:``."""
+        rules: dict[str, list[str]] = {}
+        for name, spec in self.config["methods"].items():
+            if spec.get("rule"):
+                rules.setdefault(spec["rule"], []).append(name)
+        return rules
 
     def entries(self, suite: str) -> list[str]:
         """The method entries a suite runs (``all`` = every entry of ``methods:``, in file order)."""
@@ -360,7 +412,7 @@ class Plan:
         """One entry of ``methods:`` as ``suite`` configures it for a run on ``dataset`` with ``shots``
         (rules of ``when`` applied; none for a profile), its hyper-parameters checked."""
         spec = self.config["methods"][entry]
-        library, module = spec.get("method", entry), spec.get("module")
+        library, module, rule = spec.get("method", entry), spec.get("module"), spec.get("rule")
         overrides = {k: v for k, v in spec.items() if k not in METHOD_KEYS}
         suite_overrides = dict(self.config["suites"][suite].get("hparams", {}).get(entry, {}))
         where = f"suite {suite!r}, method entry {entry!r}"
@@ -372,6 +424,8 @@ class Plan:
                 )
             rules += given or []
         overrides.update(suite_overrides)
+        if rule:
+            return self._rule_setup(rule, overrides, rules, where, dataset, shots)
         if module:  # not in the catalog: checked when its first job starts
             given = {**overrides, hp_types.WHEN: rules} if rules else overrides
             return MethodSetup(library, module, _canonical(given), _canonical(given))
@@ -403,6 +457,35 @@ class Plan:
             _canonical(resolved),
             needs_fewshot=known["needs_fewshot"],
             class_agnostic=known["class_agnostic"],
+        )
+
+    def _rule_setup(
+        self,
+        rule: str,
+        overrides: dict[str, Any],
+        rules: list[Any],
+        where: str,
+        dataset: str | None,
+        shots: int | None,
+    ) -> MethodSetup:
+        """A rule-made method: its free-form hyper-parameters (text from ``--config`` read as YAML
+        scalars) with the ``when`` rules that apply to ``dataset`` and ``shots``."""
+        overrides = {key: _yaml_typed(value) for key, value in overrides.items()}
+        names = set(overrides) | {
+            key
+            for r in rules
+            if isinstance(r, Mapping) and isinstance(r.get("set"), Mapping)
+            for key in r["set"]
+        }
+        try:
+            checked = hp_types.check_rules(rule, _yaml_typed(rules), dict.fromkeys(names), {}, where=where)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self._check_rule_datasets(checked, where)
+        resolved = {**overrides, **hp_types.rule_values(checked, dataset, shots)}
+        given = {**overrides, hp_types.WHEN: checked} if checked else overrides
+        return MethodSetup(
+            rule, None, _canonical(given), _canonical(resolved), class_agnostic=False, rule=rule
         )
 
     def _check_rule_datasets(self, rules: list[dict[str, Any]], where: str) -> None:
@@ -443,6 +526,12 @@ class Plan:
         setup = self.setup(name)
         for entry in plan.entries:
             method = self.method_setup(name, entry)
+            if method.rule and s.get("targets"):
+                raise ConfigError(
+                    f"suite {name!r}: method entry {entry!r} is made by rule {method.rule!r}, whose runs cannot "
+                    f"be tested on other datasets (targets: {', '.join(s['targets'])}); drop it from this "
+                    "suite's methods"
+                )
             cells = (
                 [(k, seed) for k in plan.shots for seed in plan.seeds]
                 if method.needs_fewshot
@@ -455,7 +544,8 @@ class Plan:
                     for target in targets:
                         self._check_transfer(name, entry, method, dataset, target)
                         plan.transfers.append((entry, Transfer(run, target)))
-            plan.profiles.append((entry, Profile(setup, method, int(s["profile_classes"]))))
+            if not method.rule:  # a rule's code is not the library's: nothing to profile
+                plan.profiles.append((entry, Profile(setup, method, int(s["profile_classes"]))))
         return plan
 
     def _check_transfer(self, suite: str, entry: str, method: MethodSetup, source: str, target: str) -> None:
@@ -519,6 +609,31 @@ class Plan:
             "--device",
             self.device,
         ]
+
+    def rule_inputs(self, run: Run) -> dict[str, Any]:
+        """The input files of a rule-made run: the prepared split, the few-shot file, the backbone's
+        checkpoint file (a list: empty for an open_clip tag or random weights)."""
+        return {
+            "split": self.split_file(run.dataset),
+            "fewshot": self.fewshot_file(run),
+            "checkpoint": self.checkpoint_inputs(run.setup),
+        }
+
+    def rule_params(self, run: Run) -> dict[str, str]:
+        """What a rule-made run is, as text for its command line (README, "Adding a baseline as a rule")."""
+        return {
+            "method": str(run.method.rule),
+            "dataset": run.dataset,
+            "shots": str(run.shots),
+            "seed": str(run.seed),
+            "backbone": run.setup.backbone,
+            "pretrained": self.pretrained_arg(run.setup),
+            "model_configs": str(MODEL_CONFIGS),
+            "image_root": self.image_root(run.dataset),
+            "hparams": run.method.resolved_json,
+            "device": self.device,
+            "run_dir": f"{self.results}/{run.folder}",
+        }
 
     def split_file(self, dataset: str) -> str:
         return f"{self.data_root}/{dataset}/split.json"
@@ -585,6 +700,16 @@ def _published_file(path: str | None, root: str | Path | None) -> str | None:
     return str(resolved)
 
 
+def _yaml_typed(value: Any) -> Any:
+    """Text read as a YAML scalar where it is one (``"8"`` -> 8, ``"true"`` -> True), in lists and
+    mappings too: ``snakemake --config`` gives nested values as text."""
+    if isinstance(value, list):
+        return [_yaml_typed(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _yaml_typed(item) for key, item in value.items()}
+    return hp_types.plain(value) if isinstance(value, str) else value
+
+
 def _as_list(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
@@ -611,7 +736,8 @@ def _apply_rehearsal(config: dict) -> None:
         entries = list(config["methods"]) if suite["methods"] == "all" else suite["methods"]
         overrides = suite["hparams"] = dict(suite.get("hparams") or {})  # defaults may share one dict
         for entry in entries:
-            library = config["methods"][entry].get("method", entry)
+            spec = config["methods"][entry]
+            library = spec.get("rule") or spec.get("method", entry)
             cut = rehearsal.get("hparams", {}).get(library)
             if cut:
                 overrides[entry] = {**overrides.get(entry, {}), **cut}

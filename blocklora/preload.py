@@ -15,8 +15,15 @@ random generator from the OS, and the server never touches CUDA or starts a thre
 A server belongs to one interpreter, import path, set of settings that matter at import time and
 version of the package's files (sizes and modification times), so editing the code or installing a
 package starts a new one; a server exits after ``BLOCKLORA_PRELOAD_IDLE`` seconds (default 300)
-without work. Servers live in ``$BLOCKLORA_PRELOAD_DIR`` (default ``/tmp/blocklora-preload-<uid>``),
-each with a log file; ``blocklora preload`` lists and stops them.
+without work. Servers live in ``$BLOCKLORA_PRELOAD_DIR`` (default ``$XDG_RUNTIME_DIR/blocklora-preload``,
+else ``/tmp/blocklora-preload-<uid>``), each with a log file; ``blocklora preload`` lists and stops them.
+
+Nobody else gets in, as with ssh-agent and tmux: the folder must belong to this user and let nobody
+else in (mode 0700), or it is refused and the command runs in-process; files in it are reached through
+a descriptor of the checked folder, with ``O_NOFOLLOW``. The socket has mode 0600, and each end
+checks the other's uid (``SO_PEERCRED``): a server serves only its own user, and a caller talks only to
+a server of its own. Each server holds a lock on its pid file for as long as it lives, so a pid file
+left by a dead server is never taken for a live one. One misbehaving connection costs only itself.
 
 ``BLOCKLORA_PRELOAD=0`` turns this off and ``=1`` forces it on; by default it is on, except inside a
 Slurm job (one command per allocation gains nothing). If the server cannot start, the command runs
@@ -26,6 +33,7 @@ in-process as it always did.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib
@@ -34,16 +42,21 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from blocklora.io import PrivateFolder, UnsafeFolder, wait_for_lock
+
 # Settings read when torch and its libraries load, so a server serves only callers that agree on them.
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "TORCH", "PYTORCH", "CUDA_HOME", "LD_")
 PACKAGE = Path(__file__).resolve().parent
 START_TIMEOUT = 120.0  # seconds a caller waits for a new server to finish its imports
+MAX_REQUEST = 16 << 20  # bytes of one request (arguments and environment)
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def enabled(environ: dict[str, str] | None = None) -> bool:
@@ -57,7 +70,18 @@ def enabled(environ: dict[str, str] | None = None) -> bool:
 
 
 def server_dir() -> Path:
-    return Path(os.environ.get("BLOCKLORA_PRELOAD_DIR", f"/tmp/blocklora-preload-{os.getuid()}"))
+    """$BLOCKLORA_PRELOAD_DIR, else $XDG_RUNTIME_DIR/blocklora-preload (a private folder of this login),
+    else /tmp/blocklora-preload-<uid>."""
+    named = os.environ.get("BLOCKLORA_PRELOAD_DIR")
+    if named:
+        return Path(named)
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/"):
+        with contextlib.suppress(OSError):
+            info = os.stat(runtime)
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077:
+                return Path(runtime) / "blocklora-preload"
+    return Path(f"/tmp/blocklora-preload-{os.getuid()}")
 
 
 def idle_seconds() -> float:
@@ -77,8 +101,8 @@ def server_key(target: str, warm: str) -> str:
             digest.update(f"{entry}:{os.stat(entry or '.').st_mtime_ns}\n".encode())
     for path in sorted(PACKAGE.rglob("*")):
         if path.suffix in (".py", ".json", ".txt") and "__pycache__" not in path.parts:
-            stat = path.stat()
-            digest.update(f"{path.relative_to(PACKAGE)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            stat_ = path.stat()
+            digest.update(f"{path.relative_to(PACKAGE)}:{stat_.st_size}:{stat_.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 
@@ -86,6 +110,13 @@ def resolve(name: str):
     """The function ``module:function`` names."""
     module, _, function = name.partition(":")
     return getattr(importlib.import_module(module), function)
+
+
+def peer_credentials(connection: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    return _CREDENTIALS.unpack(
+        connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+    )
 
 
 # ------------------------------------------------------------------ the caller's side
@@ -116,6 +147,9 @@ def run(argv: Sequence[str], *, target: str, warm: str) -> int | None:
         if not started.startswith("pid "):  # the server went away before forking: run here instead
             return None
         pid = int(started.split()[1])
+        if pid <= 1:  # os.kill(0 or -1) would signal a whole group, or every process of this user
+            print(f"blocklora: the preload server answered a bad pid {pid}; failing", file=sys.stderr)
+            return 1
 
         def forward(signum, frame):
             with contextlib.suppress(ProcessLookupError):
@@ -136,57 +170,87 @@ def _umask() -> int:
     return mask
 
 
-def _connect(path: Path) -> socket.socket | None:
+def _connect(path: str) -> socket.socket | None:
+    """A connection to the server at ``path``, if one answers there and runs as this user."""
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        connection.connect(str(path))
+        connection.connect(path)
     except OSError:
         connection.close()
         return None
+    pid, uid, _ = peer_credentials(connection)
+    if uid != os.geteuid():
+        connection.close()
+        raise UnsafeFolder(
+            errno.EPERM, f"the preload server at {path} (pid {pid}) runs as uid {uid}, not as you: refused"
+        )
     return connection
 
 
 def _connect_or_start(key: str, target: str, warm: str) -> socket.socket | None:
-    folder = server_dir()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = folder / f"{key}.sock"
-    connection = _connect(path)
-    if connection is not None:
-        return connection
-    with open(folder / f"{key}.lock", "w") as lock:  # one caller starts the server, the others wait
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with PrivateFolder(server_dir(), variable="BLOCKLORA_PRELOAD_DIR") as folder:
+        path = folder.entry(f"{key}.sock")
         connection = _connect(path)
         if connection is not None:
             return connection
-        path.unlink(missing_ok=True)  # left by a server that died
-        log = folder / f"{key}.log"
+        lock = folder.open(f"{key}.lock", os.O_RDWR | os.O_CREAT)  # one caller starts the server
+        try:
+            try:
+                wait_for_lock(lock, folder.path / f"{key}.lock", timeout=START_TIMEOUT)
+            except TimeoutError as exc:
+                print(f"blocklora: {exc}; running in-process", file=sys.stderr)
+                return None
+            connection = _connect(path)
+            if connection is not None:
+                return connection
+            folder.unlink(f"{key}.sock")  # left by a server that died
+            return _start(folder, key, target, warm)
+        finally:
+            os.close(lock)
+
+
+def _start(folder: PrivateFolder, key: str, target: str, warm: str) -> socket.socket | None:
+    log = folder.path / f"{key}.log"
+    log_fd = folder.open(f"{key}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
         server = (
             os.posix_spawn(  # the caller's cwd and environment, so the same sys.path; a session of its own
                 sys.executable,
-                [sys.executable, "-m", "blocklora.preload", "serve", str(path), str(PACKAGE), target, warm],
+                [
+                    sys.executable,
+                    "-m",
+                    "blocklora.preload",
+                    "serve",
+                    str(folder.path),
+                    key,
+                    str(PACKAGE),
+                    target,
+                    warm,
+                ],
                 os.environ,
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
-                    (os.POSIX_SPAWN_DUP2, 1, 2),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
                 ],
                 setsid=True,
             )
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            connection = _connect(path)
-            if connection is not None:
-                return connection
-            if os.waitpid(server, os.WNOHANG)[0] == server:
-                print(
-                    f"blocklora: the preload server stopped (see {log}); running in-process", file=sys.stderr
-                )
-                return None
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(server, signal.SIGKILL)
-        return None
+    finally:
+        os.close(log_fd)
+    path = folder.entry(f"{key}.sock")
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        connection = _connect(path)
+        if connection is not None:
+            return connection
+        if os.waitpid(server, os.WNOHANG)[0] == server:
+            print(f"blocklora: the preload server stopped (see {log}); running in-process", file=sys.stderr)
+            return None
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(server, signal.SIGKILL)
+    return None
 
 
 # ------------------------------------------------------------------ the server's side
@@ -209,11 +273,16 @@ class _Request:
         if len(self.data) < 4:
             return None
         (length,) = struct.unpack("!I", self.data[:4])
+        if length > MAX_REQUEST:
+            raise ValueError(f"a request of {length} bytes, more than {MAX_REQUEST}")
         if len(self.data) < 4 + length:
             return None
         if len(self.fds) != 3:
             raise ValueError(f"expected the caller's 3 standard streams, got {len(self.fds)} descriptors")
-        return json.loads(self.data[4 : 4 + length])
+        request = json.loads(self.data[4 : 4 + length])
+        if not isinstance(request, dict) or not {"argv", "cwd", "env", "umask"} <= set(request):
+            raise ValueError("a request without argv, cwd, env and umask")
+        return request
 
     def close(self) -> None:
         for fd in self.fds:
@@ -221,19 +290,72 @@ class _Request:
         self.fds = []
 
 
-def serve(path: Path, package: Path, target: str, warm: str) -> None:
+class _Server:
+    """The files a server owns in its folder: its socket (mode 0600) and its pid file, locked while
+    it lives; both removed when it stops, if they are still its own."""
+
+    def __init__(self, folder: PrivateFolder, key: str) -> None:
+        self.folder, self.key = folder, key
+        self.pid_fd = self._lock_pid_file()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mask = os.umask(0o177)  # the socket is born 0600: only this user may connect
+        try:
+            self.listener.bind(folder.entry(f"{key}.sock"))
+        finally:
+            os.umask(mask)
+        socket_stat = os.stat(f"{key}.sock", dir_fd=folder.fd, follow_symlinks=False)
+        self.identity = (socket_stat.st_dev, socket_stat.st_ino)
+        self.listener.listen(64)
+        os.ftruncate(self.pid_fd, 0)
+        os.pwrite(self.pid_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _lock_pid_file(self) -> int:
+        """The pid file, locked (a listing may remove a stale one meanwhile: then lock the new one)."""
+        name = f"{self.key}.pid"
+        for _ in range(10):
+            fd = self.folder.open(name, os.O_RDWR | os.O_CREAT)
+            try:
+                wait_for_lock(fd, self.folder.path / name, timeout=5)
+            except TimeoutError:
+                os.close(fd)
+                sys.exit(f"a server for {self.key} is already running (its pid file is locked)")
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(name, dir_fd=self.folder.fd, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            os.close(fd)
+        sys.exit(f"could not lock {self.folder.path / name}")
+
+    def files(self) -> list:
+        """What a forked child must close: the listener, the pid file, the folder."""
+        return [self.listener, self.pid_fd, self.folder.fd]
+
+    def stop_listening(self) -> None:
+        """Remove the socket if it is still this server's (a newer server may have replaced it)."""
+        if self.listener.fileno() < 0:
+            return
+        with contextlib.suppress(OSError):
+            there = os.stat(f"{self.key}.sock", dir_fd=self.folder.fd, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) == self.identity:
+                self.folder.unlink(f"{self.key}.sock")
+        self.listener.close()
+
+    def close(self) -> None:
+        self.stop_listening()
+        self.folder.unlink(f"{self.key}.pid")  # while still locked: nobody takes it for a live server
+        os.close(self.pid_fd)
+
+
+def serve(folder_path: Path, key: str, package: Path, target: str, warm: str) -> None:
     """Run ``warm()``, then fork a child per request running ``target(argv)`` until idle; SIGTERM stops
     taking requests."""
+    folder = PrivateFolder(folder_path, create=False, variable="BLOCKLORA_PRELOAD_DIR")
     resolve(warm)()
     run_command = resolve(target)
     import blocklora
 
     if Path(blocklora.__file__).resolve().parent != package:
         sys.exit(f"this interpreter imports blocklora from {blocklora.__file__}, not from {package}")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(64)
-    path.with_suffix(".pid").write_text(f"{os.getpid()}\n")
+    server = _Server(folder, key)
     wake_read, wake_write = os.pipe()  # SIGCHLD and SIGTERM wake the loop through it
     for fd in (wake_read, wake_write):
         os.set_blocking(fd, False)
@@ -242,30 +364,26 @@ def serve(path: Path, package: Path, target: str, warm: str) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
+    selector.register(server.listener, selectors.EVENT_READ)
     selector.register(wake_read, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}  # pid -> its caller's connection
+    own_files = [*server.files(), wake_read, wake_write]
     idle_since = time.monotonic()
     try:
         while children or (not stopping and time.monotonic() - idle_since < idle_seconds()):
-            if stopping and listener.fileno() >= 0:  # no new work; running commands finish
-                selector.unregister(listener)
-                _remove_own(path, listener)
-                listener.close()
-            for key, _ in selector.select(timeout=5.0):
-                if key.fileobj is listener:
-                    connection, _ = listener.accept()
-                    connection.setblocking(False)
-                    selector.register(connection, selectors.EVENT_READ, _Request())
-                elif key.fileobj == wake_read:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(wake_read, 4096)
-                elif isinstance(key.data, _Request):
-                    _on_request(key, selector, children, (listener, wake_read, wake_write), run_command)
-                else:  # a caller sends nothing after its request: readable means it went away
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(key.data, signal.SIGKILL)
-                    selector.unregister(key.fileobj)
+            if stopping and server.listener.fileno() >= 0:  # no new work; running commands finish
+                selector.unregister(server.listener)
+                server.stop_listening()
+            timeout = (
+                5.0 if children else max(0.01, min(5.0, idle_seconds() - (time.monotonic() - idle_since)))
+            )
+            for event, _ in selector.select(timeout=timeout):
+                try:
+                    _on_event(event, selector, server, children, own_files, run_command, wake_read)
+                except Exception as exc:  # one connection's trouble is no reason to stop serving the others
+                    print(f"dropped a connection: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                    if event.fileobj is not server.listener and event.fileobj != wake_read:
+                        _drop(event, selector, children)
             while children:
                 pid, status = os.waitpid(-1, os.WNOHANG)
                 if pid == 0:
@@ -282,21 +400,45 @@ def serve(path: Path, package: Path, target: str, warm: str) -> None:
                 connection.close()
                 idle_since = time.monotonic()
     finally:
-        if listener.fileno() >= 0:
-            _remove_own(path, listener)
-            listener.close()
+        server.close()
 
 
-def _remove_own(path: Path, listener: socket.socket) -> None:
-    """Remove the socket and pid files if they are still this server's (a newer one may own them)."""
-    with contextlib.suppress(OSError):
-        if os.stat(path).st_ino == os.fstat(listener.fileno()).st_ino:
-            path.unlink()
-            path.with_suffix(".pid").unlink(missing_ok=True)
+def _on_event(event, selector, server: _Server, children, own_files, run_command, wake_read) -> None:
+    if event.fileobj is server.listener:
+        try:
+            connection, _ = server.listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        pid, uid, _ = peer_credentials(connection)
+        if uid != os.geteuid():
+            print(f"refused a connection from uid {uid} (pid {pid})", file=sys.stderr, flush=True)
+            connection.close()
+            return
+        connection.setblocking(False)
+        selector.register(connection, selectors.EVENT_READ, _Request())
+    elif event.fileobj == wake_read:
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_read, 4096)
+    elif isinstance(event.data, _Request):
+        _on_request(event, selector, children, own_files, run_command)
+    else:  # a caller sends nothing after its request: readable means it went away
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(event.data, signal.SIGKILL)
+        selector.unregister(event.fileobj)
 
 
-def _on_request(key, selector, children: dict[int, socket.socket], server_files, run_command) -> None:
-    connection, request = key.fileobj, key.data
+def _drop(event, selector, children) -> None:
+    """Forget a connection that failed (its child, if any, is reaped as usual)."""
+    with contextlib.suppress(KeyError, ValueError, OSError):
+        selector.unregister(event.fileobj)
+    if isinstance(event.data, _Request):
+        event.data.close()
+    if isinstance(event.fileobj, socket.socket) and event.fileobj not in children.values():
+        event.fileobj.close()
+
+
+def _on_request(event, selector, children: dict[int, socket.socket], own_files, run_command) -> None:
+    connection, request = event.fileobj, event.data
     try:
         complete = request.feed(connection)
     except BlockingIOError:
@@ -313,16 +455,21 @@ def _on_request(key, selector, children: dict[int, socket.socket], server_files,
     selector.unregister(connection)
     pid = os.fork()
     if pid == 0:
-        _become_command(complete, request.fds, connection, selector, children, server_files, run_command)
+        _become_command(complete, request.fds, connection, selector, children, own_files, run_command)
     request.close()
-    connection.setblocking(True)
-    connection.sendall(f"pid {pid}\n".encode())
     children[pid] = connection
+    try:
+        connection.setblocking(True)
+        connection.sendall(f"pid {pid}\n".encode())
+    except OSError:  # the caller is already gone: so goes its command (reaped with the others)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        return
     selector.register(connection, selectors.EVENT_READ, pid)
 
 
 def _become_command(
-    request: dict, fds: list[int], connection, selector, children, server_files, run_command
+    request: dict, fds: list[int], connection, selector, children, own_files, run_command
 ) -> None:
     """In the forked child: take the caller's streams, directory and environment, run, exit."""
     code = 1
@@ -335,7 +482,7 @@ def _become_command(
                 key.data.close()
                 key.fileobj.close()
         selector.close()
-        for item in server_files:
+        for item in own_files:  # the listener, the pid file (and its lock), the folder, the wake-up pipe
             item.close() if isinstance(item, socket.socket) else os.close(item)
         for other in children.values():
             other.close()
@@ -378,53 +525,94 @@ def _die_with_parent() -> None:
 
 
 def _reseed() -> None:
-    """A fresh process's random state: nothing a child draws is shared with its siblings."""
+    """A fresh process's random state: nothing a child draws is shared with its siblings. (A generator
+    the server never imported seeds itself from the OS when the child imports it.)"""
     import random
 
-    import numpy as np
-    import torch
-
     random.seed()
-    np.random.seed()
-    torch.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()
 
 
 # ------------------------------------------------------------------ `blocklora preload`
 
 
 def servers() -> list[dict]:
-    """The running servers: key, pid, socket and log file."""
+    """The running servers: key, pid, socket and log file. A pid file whose lock nobody holds is left
+    by a dead server: it is removed, never trusted (its pid may belong to another process by now)."""
+    folder_path = server_dir()
+    if not folder_path.is_dir():
+        return []
     found = []
-    for pid_file in sorted(server_dir().glob("*.pid")) if server_dir().is_dir() else []:
-        try:
-            pid = int(pid_file.read_text())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            continue
-        socket_path = pid_file.with_suffix(".sock")
-        found.append(
-            {
-                "key": pid_file.stem,
-                "pid": pid,
-                "socket": str(socket_path),
-                "log": str(pid_file.with_suffix(".log")),
-            }
-        )
+    with PrivateFolder(folder_path, create=False, variable="BLOCKLORA_PRELOAD_DIR") as folder:
+        for name in folder.names(".pid"):
+            key = name.removesuffix(".pid")
+            pid = _live_server(folder, name)
+            if pid is None:
+                continue
+            found.append(
+                {
+                    "key": key,
+                    "pid": pid,
+                    "socket": str(folder.path / f"{key}.sock"),
+                    "log": str(folder.path / f"{key}.log"),
+                }
+            )
     return found
 
 
+def _live_server(folder: PrivateFolder, name: str) -> int | None:
+    """The pid in pid file ``name`` if a live server holds its lock, else None (a stale file is removed)."""
+    try:
+        fd = folder.open(name, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: its server lives
+            try:
+                return int(os.pread(fd, 32, 0).decode().strip())
+            except ValueError:
+                return None
+        folder.unlink(name)  # nobody holds it: its server is gone
+        return None
+    finally:
+        os.close(fd)
+
+
 def stop_servers() -> int:
-    """Stop every running server (children already running finish); returns how many."""
+    """Stop every running server (children already running finish); returns how many.
+
+    Each is signalled through a pidfd taken while its pid file is still locked, so the signal can
+    only reach that server, never a process that inherited its pid."""
     stopped = 0
     for server in servers():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(server["pid"], signal.SIGTERM)
+        try:
+            pidfd = os.pidfd_open(server["pid"])
+        except ProcessLookupError:
+            continue
+        try:
+            with PrivateFolder(server_dir(), create=False, variable="BLOCKLORA_PRELOAD_DIR") as folder:
+                if _live_server(folder, f"{server['key']}.pid") != server["pid"]:
+                    continue
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
             stopped += 1
+        except ProcessLookupError:
+            continue
+        finally:
+            os.close(pidfd)
     return stopped
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "serve":
-        serve(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5])
+    if len(sys.argv) == 7 and sys.argv[1] == "serve":
+        serve(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), sys.argv[5], sys.argv[6])
     else:
-        sys.exit("usage: python -m blocklora.preload serve SOCKET PACKAGE_DIR MODULE:COMMAND MODULE:WARM_UP")
+        sys.exit(
+            "usage: python -m blocklora.preload serve FOLDER KEY PACKAGE_DIR MODULE:COMMAND MODULE:WARM_UP"
+        )

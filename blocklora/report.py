@@ -37,6 +37,7 @@ from blocklora.published import FEW_SHOT_DATASETS, PublishedEntry, load_publishe
 
 AVERAGE = "Average"
 MISSING = "–"
+NOT_PROFILED = "not profiled"  # an efficiency cell of a method made by a rule of its own
 REFERENCE = "blocklora"  # the entry the paired comparison measures every other one against
 CONFIDENCE = 0.95
 TIE = 1e-9  # points: a smaller difference of two accuracies is a tie
@@ -56,6 +57,7 @@ METHOD_TITLES = {
     "tip_adapter_f": "Tip-Adapter-F",
     "lora": "LoRA",
     "blocklora": "Block-LoRA",
+    "knn": "k-NN (CLIP features)",
 }
 PROFILE_FIELDS = (
     "method",
@@ -311,8 +313,70 @@ def _missing(value: Any) -> bool:
     return not isinstance(value, list | tuple | dict) and bool(pd.isna(value))
 
 
+def unprofiled_rows(runs: pd.DataFrame, profiles: pd.DataFrame) -> pd.DataFrame:
+    """A row per label made by a rule of its own (external records) that has no profile: its trainable
+    and total parameters as its records state them (median), ``profiled`` False and the ``rule``."""
+    columns = ["label", "method", "trainable_params", "total_params", "profiled", "rule"]
+    if "external" not in runs.columns:
+        return pd.DataFrame(columns=columns)
+    profiled = set(profiles["label"]) if "label" in profiles.columns else set()
+    external = runs[runs["external"].map(lambda v: v is True)]
+    rows = []
+    for label, group in external.groupby("label", sort=False):
+        if label in profiled:
+            continue
+        rules = [r for r in group.get("rule", pd.Series(dtype=object)) if isinstance(r, str)]
+        total = pd.to_numeric(group.get("total_params"), errors="coerce").median()
+        rows.append(
+            {
+                "label": label,
+                "method": str(group["method"].iloc[0]),
+                "trainable_params": pd.to_numeric(group["trainable_params"], errors="coerce").median(),
+                "total_params": None if pd.isna(total) else total,
+                "profiled": False,
+                "rule": rules[0] if rules else None,
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _with_unprofiled(profiles: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The profiles, and a row for each method made by a rule of its own (:func:`unprofiled_rows`)."""
+    extra = unprofiled_rows(runs, profiles)
+    if extra.empty:
+        return profiles
+    if profiles.empty:
+        return extra.reset_index(drop=True)
+    return pd.concat([profiles.astype(object), extra.astype(object)], ignore_index=True)
+
+
+def unprofiled_note(rows: pd.DataFrame, methods: Sequence[str] | None = None) -> str:
+    """The sentence under the efficiency table on the methods it could not profile (none: empty)."""
+    if "profiled" not in rows.columns:
+        return ""
+    unprofiled = rows[rows["profiled"].map(lambda v: v is False)]
+    labels = _order(unprofiled["label"], methods) if methods else list(unprofiled["label"])
+    if not labels:
+        return ""
+    rules = dict(zip(unprofiled["label"], unprofiled["rule"], strict=True))
+    named = ", ".join(
+        f"{method_title(label)} (rule `{rules[label]}`)"
+        if isinstance(rules[label], str)
+        else method_title(label)
+        for label in labels
+    )
+    return (
+        f"{NOT_PROFILED.capitalize()}: {named}, made by code of its own outside the library, which the "
+        "efficiency profile cannot run (README, 'Adding a baseline as a rule'); trainable parameters as "
+        "its records state them.\n"
+    )
+
+
 def efficiency_table(profiles: pd.DataFrame, methods: Sequence[str] | None = None) -> pd.DataFrame:
-    """Rows = methods; trainable params, FLOPs per training step, step time, peak memory, latency ratio."""
+    """Rows = methods; trainable params, FLOPs per training step, step time, peak memory, latency ratio.
+
+    A row whose ``profiled`` is False (:func:`unprofiled_rows`: a method made by a rule of its own)
+    shows its trainable parameters and ``not profiled`` in the measured columns."""
     if profiles.empty:
         return pd.DataFrame(columns=["Method"]).set_index("Method")
     by_label = {row["label"]: row for _, row in profiles.iterrows()}
@@ -322,6 +386,7 @@ def efficiency_table(profiles: pd.DataFrame, methods: Sequence[str] | None = Non
         p = {k: (None if _missing(v) else v) for k, v in by_label[label].items()}
         trainable, total = p.get("trainable_params"), p.get("total_params")
         merged, frozen = p.get("latency_ms_merged"), p.get("latency_ms_frozen")
+        measured = p.get("profiled") is not False
         rows.append(
             {
                 "Method": method_title(label),
@@ -329,10 +394,12 @@ def efficiency_table(profiles: pd.DataFrame, methods: Sequence[str] | None = Non
                 "Trainable (%)": MISSING
                 if not (trainable is not None and total)
                 else f"{100 * trainable / total:.3f}",
-                "Train FLOPs/step": _count(p.get("train_flops_per_step")),
-                "Step (ms)": _number(p.get("step_ms"), ".1f"),
-                "Peak memory (MiB)": _number(p.get("peak_memory_mib"), ".0f"),
-                "Latency merged / frozen": MISSING
+                "Train FLOPs/step": _count(p.get("train_flops_per_step")) if measured else NOT_PROFILED,
+                "Step (ms)": _number(p.get("step_ms"), ".1f") if measured else NOT_PROFILED,
+                "Peak memory (MiB)": _number(p.get("peak_memory_mib"), ".0f") if measured else NOT_PROFILED,
+                "Latency merged / frozen": NOT_PROFILED
+                if not measured
+                else MISSING
                 if not (merged is not None and frozen)
                 else f"{merged / frozen:.2f}×",
             }
@@ -969,14 +1036,19 @@ def write_report(
     published_md = _write_published(out, published, shown, runs, shots, datasets, average_over)
     paired_md = _write_paired(out, columns, reference, methods, shots, average_over, title, suite)
 
-    efficiency = efficiency_table(profiles, methods)
-    write_text(out / "efficiency.csv", profiles.to_csv(index=False))
-    write_text(out / "efficiency.md", to_markdown(efficiency))
+    costs = _with_unprofiled(profiles, runs)
+    efficiency = efficiency_table(costs, methods)
+    efficiency_note = unprofiled_note(costs, methods)
+    write_text(out / "efficiency.csv", costs.to_csv(index=False))
+    write_text(
+        out / "efficiency.md", "\n".join([to_markdown(efficiency), efficiency_note]).rstrip("\n") + "\n"
+    )
     write_text(
         out / "efficiency.tex",
         to_latex(
             efficiency,
-            caption=f"Training and inference cost per method ({title}).",
+            caption=f"Training and inference cost per method ({title})."
+            + (" Not profiled: made by code of its own, outside the library." if efficiency_note else ""),
             label=f"tab:efficiency-{suite or 'all'}",
         ),
     )
@@ -987,7 +1059,7 @@ def write_report(
         plot_accuracy_vs_params(summary, trainable_params(columns, profiles), methods),
         out / "accuracy_vs_params",
     )
-    save_figure(plot_efficiency(profiles, methods), out / "efficiency")
+    save_figure(plot_efficiency(costs, methods), out / "efficiency")
 
     hours = training_hours(runs, profiles)
     lines = summary_lines(summary, runs, suite) + training_hours_lines(hours, profiles)
@@ -1002,6 +1074,8 @@ def write_report(
         report.append(published_md[0])
     report += [*with_published, f"\n## Paired comparison with {method_title(reference)}\n", *paired_md]
     report += ["\n## Efficiency\n", to_markdown(efficiency)]
+    if efficiency_note:
+        report.append(efficiency_note)
     report += [
         "\n## Figures\n",
         "![accuracy vs shots](accuracy_vs_shots.png)\n",

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import random
+import re
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,9 +236,17 @@ class BatchSampler:
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every generator's state as tensors and plain data (what a checkpoint may hold)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "generator": generator.get_state(),
@@ -243,33 +254,115 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 
 def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    saved = state["numpy"]
+    np.random.set_state(
+        (
+            saved["name"],
+            saved["keys"].numpy().astype(np.uint32),
+            saved["pos"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     generator.set_state(state["generator"])
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any, where: str = "checkpoint") -> None:
+    """Refuse anything but tensors and plain data (what ``torch.load(weights_only=True)`` reads back)."""
+    if isinstance(value, (torch.Tensor, *_PLAIN)):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, _PLAIN):
+                raise TypeError(
+                    f"{where} has a key of type {type(key).__name__}: only plain data may be saved"
+                )
+            _plain(item, f"{where}[{key!r}]")
+        return
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _plain(item, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__}: a checkpoint holds only tensors and plain data")
+
+
 def save_checkpoint(path: Path, **state: Any) -> None:
-    """Write a resumable training state atomically."""
+    """Write a resumable training state atomically: tensors and plain data only (TypeError otherwise),
+    so that it loads back with ``weights_only=True``."""
+    _plain(state)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this very run, else None (and it is ignored)."""
+    """The checkpoint at ``path`` if it belongs to this very run, else None (and it is ignored).
+
+    Read with ``weights_only=True``: a results folder is shared, and a file planted there must not
+    run code as whoever resumes. Anything beyond tensors and plain data is refused.
+    """
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # a foreign file's pickle protocol: refused below if it matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            log.warning(
+                "ignoring checkpoint %s: it holds %s, not only tensors and plain data, so this pipeline did not "
+                "write it (it is not loaded: it could run code); training from the start",
+                path,
+                found[1],
+            )
+        else:
+            log.warning("ignoring unreadable checkpoint %s (not a checkpoint); training from the start", path)
+        return None
     except Exception as exc:  # a checkpoint we cannot read is no reason to fail: start over
         log.warning("ignoring unreadable checkpoint %s (%s); training from the start", path, exc)
         return None
-    if state.get("fingerprint") != fingerprint:
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
         log.warning("ignoring checkpoint %s: it belongs to another configuration", path)
         return None
     return state
+
+
+def _fits(state: dict[str, Any], params: list[torch.nn.Parameter], samples: int) -> str | None:
+    """Why a checkpoint of this run cannot be resumed from (shapes, dtypes, indices), or None."""
+    saved = state.get("params")
+    if not isinstance(saved, list) or len(saved) != len(params):
+        return (
+            f"it holds {len(saved) if isinstance(saved, list) else 'no'} parameter tensors, not {len(params)}"
+        )
+    for i, (p, tensor) in enumerate(zip(params, saved, strict=True)):
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != p.shape or tensor.dtype != p.dtype:
+            got = (
+                (tuple(tensor.shape), tensor.dtype)
+                if isinstance(tensor, torch.Tensor)
+                else type(tensor).__name__
+            )
+            return f"parameter {i} is {got}, the model's is {(tuple(p.shape), p.dtype)}"
+    for i, entry in enumerate(state.get("optimizer", {}).get("state", {}).values()):
+        for name, value in entry.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.ndim
+                and i < len(params)
+                and value.shape != params[i].shape
+            ):
+                return f"optimizer state {name!r} of parameter {i} has shape {tuple(value.shape)}"
+    order = state.get("sampler_order")
+    if not isinstance(order, list) or not all(isinstance(j, int) and 0 <= j < samples for j in order):
+        return "its sampler order names images the training set does not have"
+    return None
 
 
 class TrainStep:
@@ -368,6 +461,10 @@ def train_loop(method, run: RunContext, *, stage: str | None = None) -> dict[str
     }
     checkpoint = stage_checkpoint(run.checkpoint, stage)
     resumed = load_checkpoint(checkpoint, fingerprint) if checkpoint and every > 0 else None
+    problem = _fits(resumed, step.params, len(images)) if resumed is not None else None
+    if problem:
+        log.warning("ignoring checkpoint %s: %s; training from the start", checkpoint, problem)
+        resumed = None
     if resumed is not None:
         with torch.no_grad():
             for p, saved in zip(step.params, resumed["params"], strict=True):

@@ -36,6 +36,29 @@ def _method_registry_restored():
     REGISTRY.update(saved)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _checksum_folder(tmp_path_factory) -> Path:
+    """A session-wide $BLOCKLORA_CHECKSUMS too, for fixtures of a wider scope than a test."""
+    import os
+
+    folder = tmp_path_factory.mktemp("checksums")
+    saved = os.environ.get("BLOCKLORA_CHECKSUMS")
+    os.environ["BLOCKLORA_CHECKSUMS"] = str(folder / "session.json")
+    yield folder
+    if saved is None:
+        os.environ.pop("BLOCKLORA_CHECKSUMS", None)
+    else:
+        os.environ["BLOCKLORA_CHECKSUMS"] = saved
+
+
+@pytest.fixture(autouse=True)
+def _checksums_recorded_on_first_use_stay_out_of_the_package(_checksum_folder, monkeypatch, request):
+    """Downloads of files without a published checksum record theirs in $BLOCKLORA_CHECKSUMS: a
+    throwaway file per test here, never the package's checksums.json (subprocesses inherit it)."""
+    name = "".join(c if c.isalnum() else "_" for c in request.node.nodeid)[-120:]
+    monkeypatch.setenv("BLOCKLORA_CHECKSUMS", str(_checksum_folder / f"{name}.json"))
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> str:
     """Register a 2-layer, 64-wide CLIP under the name ``test-tiny``."""

@@ -1,6 +1,9 @@
 import json
+from pathlib import Path
 
 from blocklora.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fewshot_command_writes_the_sampled_subset(toy_dataset, tmp_path):
@@ -112,3 +115,35 @@ def test_plan_prints_jobs_iterations_and_data_before_anything_runs(capsys):
     assert main(["plan", "--configfile", str(config), "--config", "without=[imagenet,sun397]"]) == 0
     out = capsys.readouterr().out
     assert "left out (without:): imagenet, sun397" in out and "1899 train" in out  # 9 x (14 x 15 + 1)
+
+
+def test_a_script_runs_as_python_would_run_it(tmp_path):
+    """`blocklora script` (a rule-made baseline's job, started from the preloaded process)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "helper.py").write_text("VALUE = 'from beside the script'\n")
+    script = tmp_path / "baseline.py"
+    script.write_text(
+        "import sys\n"
+        "import helper\n"
+        "if __name__ == '__main__':\n"
+        "    print(sys.argv[1:], helper.VALUE)\n"
+        "    if sys.argv[1] == 'fail':\n"
+        "        raise RuntimeError('boom')\n"
+        "    sys.exit('bad hyper-parameter' if sys.argv[1] == 'refuse' else int(sys.argv[1]))\n"
+    )
+    env = {**os.environ, "BLOCKLORA_PRELOAD": "0"}  # in-process: what the preloaded child runs
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "blocklora.cli", "script", str(script), *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+
+    done = run("0", "--k", "20")
+    assert done.returncode == 0 and done.stdout == "['0', '--k', '20'] from beside the script\n", done.stderr
+    assert run("3").returncode == 3
+    refused = run("refuse")
+    assert refused.returncode == 1 and refused.stderr.strip() == "bad hyper-parameter"
+    failed = run("fail")
+    assert failed.returncode == 1 and "Traceback" in failed.stderr and "RuntimeError: boom" in failed.stderr

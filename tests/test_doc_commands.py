@@ -111,6 +111,8 @@ def test_snakemake_commands_build_their_dag(item, tmp_path):
         args = args[:at] + args[at + 2 :]
     if not {"--unlock", "--lint", "-n"} & set(args):
         args = ["-n", *args]
+    if "-n" in args and "--quiet" not in args:  # the DAG is built all the same; no job is printed
+        args = [*args, "--quiet"]
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path)]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)

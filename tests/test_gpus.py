@@ -141,9 +141,7 @@ def test_the_lock_folder_is_made_with_its_parents_and_options_are_keywords(tmp_p
 
 def test_the_default_lock_folder_is_per_user_or_the_named_one(monkeypatch):
     monkeypatch.delenv("BLOCKLORA_GPU_LOCKS", raising=False)
-    monkeypatch.setenv("USER", "alice")
-    assert default_lock_dir() == Path("/tmp/blocklora-gpu-locks-alice")
-    monkeypatch.delenv("USER")
+    monkeypatch.setenv("USER", "alice")  # a name anyone can set: the folder is named by uid
     assert default_lock_dir() == Path(f"/tmp/blocklora-gpu-locks-{os.getuid()}")
     monkeypatch.setenv("BLOCKLORA_GPU_LOCKS", "/scratch/locks")
     assert default_lock_dir() == Path("/scratch/locks")
@@ -168,3 +166,101 @@ def test_without_settings_the_gpus_are_those_nvidia_smi_lists(tmp_path, monkeypa
         script.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert visible_gpus() == expected
+
+
+# ------------------------------------------------------------------ other users
+
+OTHER = 12345  # a uid (and gid) nobody uses: another user of the machine
+SQUAT = r"""
+import fcntl, os, sys, time
+folder, victim = sys.argv[1], sys.argv[2]
+os.mkdir(folder)
+os.chmod(folder, 0o777)
+os.symlink(victim, os.path.join(folder, "gpu0.lock"))  # the victim's job would write its pid there
+held = []
+for gpu in (1, 2):  # and every other GPU held for good
+    f = open(os.path.join(folder, f"gpu{gpu}.lock"), "w")
+    os.chmod(f.name, 0o666)
+    fcntl.flock(f, fcntl.LOCK_EX)
+    held.append(f)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def squatted(tmp_path):
+    """A lock folder another user (uid 12345) made first, in a shared /tmp-like folder: a symlink
+    to one of the victim's files where gpu0's lock goes, and locks held on gpu1 and gpu2."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to act as another user (uid 12345)")
+    shared = Path(tempfile.mkdtemp(prefix="blocklora-test-", dir="/tmp"))
+    shared.chmod(0o1777)
+    victim_file = tmp_path / "thesis.tex"
+    victim_file.write_text("three years of work")
+    squatter = subprocess.Popen(
+        ["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", "--clear-groups", "/usr/bin/python3", "-c", SQUAT,
+         str(shared / "locks"), str(victim_file)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert squatter.stdout.readline().strip() == "ready"
+        yield shared / "locks", victim_file
+    finally:
+        squatter.kill()
+        squatter.wait()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _job(lock_dir, gpus="3", timeout=30, **env):
+    """What a train job does first: claim a GPU (as cli.py does, with the default wait)."""
+    environ = {**os.environ, "BLOCKLORA_NUM_GPUS": gpus, "BLOCKLORA_GPU_LOCKS": str(lock_dir)}
+    environ.pop("CUDA_VISIBLE_DEVICES", None)
+    script = "from blocklora.gpus import claim_gpu, default_lock_dir; print(claim_gpu(default_lock_dir(), poll_seconds=0.1))"
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_a_lock_folder_squatted_by_another_user_is_refused_and_no_file_is_overwritten(squatted):
+    folder, victim_file = squatted
+    job = _job(folder)
+    assert victim_file.read_text() == "three years of work", "the job wrote its pid through a planted link"
+    assert job.returncode != 0
+    assert f"refusing the folder {folder}: it belongs to uid {OTHER}" in job.stderr
+    assert "BLOCKLORA_GPU_LOCKS" in job.stderr
+
+
+def test_locks_held_by_another_user_do_not_make_a_job_wait_forever(squatted):
+    folder, _ = squatted
+    try:
+        job = _job(folder, timeout=10, CUDA_VISIBLE_DEVICES="1,2")  # the two GPUs the squatter holds
+    except subprocess.TimeoutExpired:
+        pytest.fail("the job waited for locks another user holds")
+    assert job.returncode != 0 and "refusing the folder" in job.stderr
+
+
+def test_a_job_waits_for_a_gpu_only_as_long_as_it_is_told_and_names_who_holds_them(tmp_path):
+    holders = [_spawn(tmp_path, 30.0, gpus="2") for _ in range(2)]  # two stuck jobs hold both GPUs
+    try:
+        for holder in holders:
+            holder.stdout.readline()
+        try:
+            job = _job(tmp_path, gpus="2", BLOCKLORA_GPU_WAIT="0.5")
+        except subprocess.TimeoutExpired:
+            pytest.fail("the job waited past BLOCKLORA_GPU_WAIT")
+        assert job.returncode != 0
+        assert "no free GPU among ['0', '1'] after 0 s" in job.stderr
+        for holder in holders:
+            assert f"pid {holder.pid}" in job.stderr
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()

@@ -1,4 +1,5 @@
 import json
+import re
 
 import open_clip
 import pytest
@@ -163,3 +164,102 @@ def test_an_adapter_file_missing_a_tensor_or_with_a_wrong_shape_is_refused(
     write_tensors(path, {**tensors, key: tensors[key][:, :1].contiguous()}, meta)
     with pytest.raises(ValueError, match=rf"{key} has shape"):
         load_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)
+
+
+def test_a_lock_file_planted_as_a_symlink_in_a_shared_folder_is_refused_not_truncated(tmp_path):
+    """Results folders are group-writable: a link at <file>.lock must not make us empty its target."""
+    from blocklora.io import exclusive
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "pixels.npy.lock").symlink_to(victim)
+    with (
+        pytest.raises(OSError, match=r"pixels\.npy\.lock is a symlink; refusing to use it as a lock file"),
+        exclusive(cache / "pixels.npy"),
+    ):
+        pass
+    assert victim.read_text() == "precious"
+
+
+def test_a_lock_held_elsewhere_is_waited_for_up_to_a_timeout_naming_its_holder(tmp_path):
+    import subprocess
+    import sys
+
+    from blocklora.io import exclusive
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(30)", str(tmp_path / "x.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(TimeoutError, match=rf"x\.lock is still locked after 0 s \(by pid {holder.pid};"),
+            exclusive(tmp_path / "x", timeout=0.2),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(tmp_path / "x", timeout=5):  # the holder is gone: the lock is free again
+        pass
+
+
+def test_an_adapter_file_for_other_weights_under_the_same_file_name_is_refused(tiny_config, tmp_path):
+    """Two checkpoints called tiny.pt (two runs of the demo's pre-training, a colleague's copy): the
+    file name says nothing; the sha256 of the weights does."""
+    checkpoints = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"run{seed}" / "tiny.pt"
+        path.parent.mkdir()
+        torch.save(open_clip.create_model(tiny_config).state_dict(), path)
+        checkpoints.append(path)
+    adapters = tmp_path / "a.safetensors"
+    save_adapters(_adapted(tiny_config, checkpoints[0]).model, adapters)
+    for model in (
+        _adapted(tiny_config, checkpoints[1]).model,
+        load_backbone(tiny_config, str(checkpoints[1])).model,
+    ):
+        with pytest.raises(
+            ValueError, match=r"weights of sha256 [0-9a-f]{64}, but this model's weights hash to"
+        ):
+            load_adapters(model, adapters)
+    load_adapters(load_backbone(tiny_config, str(checkpoints[0])).model, adapters)  # its own weights: fine
+
+
+@pytest.mark.parametrize("dropped", ["weights_sha256", "name", "backbone"])
+def test_an_adapter_file_that_does_not_say_which_backbone_it_was_trained_on_is_refused(
+    tiny_config, tiny_checkpoint, tmp_path, dropped
+):
+    path = tmp_path / "a.safetensors"
+    save_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)
+    tensors, meta = read_tensors(path)
+    if dropped == "backbone":
+        del meta["backbone"]
+    else:
+        del meta["backbone"][dropped]
+    write_tensors(path, tensors, meta)
+    for model in (
+        _adapted(tiny_config, tiny_checkpoint).model,
+        load_backbone(tiny_config, str(tiny_checkpoint)).model,
+    ):
+        with pytest.raises(ValueError, match=r"lacks backbone\.\w+.* in its metadata.*retrain it"):
+            load_adapters(model, path)
+
+
+def test_an_adapter_tensor_is_never_broadcast_or_cast_into_the_model(tiny_config, tiny_checkpoint, tmp_path):
+    """A (4,) row where a (2, 4) matrix belongs would broadcast through copy_; a float64 would cast."""
+    path = tmp_path / "a.safetensors"
+    save_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)
+    tensors, meta = read_tensors(path)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_A"))
+    for wrong in (tensors[key][0].contiguous(), tensors[key].double()):
+        write_tensors(path, {**tensors, key: wrong}, meta)
+        with pytest.raises(
+            ValueError, match=re.escape(f"{key} has shape {tuple(wrong.shape)} and dtype {wrong.dtype}")
+        ):
+            load_adapters(_adapted(tiny_config, tiny_checkpoint).model, path)

@@ -258,3 +258,91 @@ def test_coerce_reads_each_spec():
     assert hparams.coerce(["0.5", "1"], "list") == [0.5, 1] and hparams.coerce(3, "float") == 3
     with pytest.raises(ValueError, match="expected int"):
         hparams.coerce(True, "int")
+
+
+# ------------------------------------------------------------------ baselines made by a rule of their own
+
+
+def test_a_rule_made_method_runs_every_cell_in_its_own_folders_with_no_profile():
+    plan = Plan(config(suite="smoke"))
+    smoke = plan.suites["smoke"]
+    knn = [run for label, run in smoke.runs if label == "knn"]
+    assert [(run.shots, run.seed) for run in knn] == [(1, 1), (2, 1)]  # every shot count and seed
+    assert all(run.method.rule == "knn_baseline" and run.method.library == "knn_baseline" for run in knn)
+    assert knn[0].folder.startswith("runs/demo-tiny_random/demo_shapes/knn_baseline-")
+    assert "knn" not in {label for label, _ in smoke.profiles}  # the library cannot profile its code
+    assert plan.external_rules() == {"knn_baseline": ["knn"]}
+    assert "knn_baseline" not in plan.library_methods() and "lora" in plan.library_methods()
+    args = plan.report_args("smoke")
+    assert f"knn=results/{knn[0].folder}/record.json" in args  # the report finds it as any run
+    params = plan.rule_params(knn[1])
+    assert params == {
+        "method": "knn_baseline", "dataset": "demo_shapes", "shots": "2", "seed": "1", "backbone": "demo-tiny",
+        "pretrained": "none", "model_configs": str(REPO / "blocklora" / "model_configs"),
+        "image_root": "results/data/demo_shapes/images", "hparams": '{"k": 20, "temperature": 0.07}',
+        "device": "auto", "run_dir": f"results/{knn[1].folder}",
+    }  # fmt: skip
+    assert plan.rule_inputs(knn[1]) == {
+        "split": "results/data/demo_shapes/split.json",
+        "fewshot": "results/fewshot/demo_shapes/shots2_seed1.json",
+        "checkpoint": [],
+    }
+    demo = Plan(config(suite="demo"))
+    run = next(run for label, run in demo.suites["demo"].runs if label == "knn")
+    assert demo.rule_inputs(run)["checkpoint"] == ["results/demo/backbone.pt"]  # built before its jobs
+    assert demo.rule_params(run)["pretrained"] == "results/demo/backbone.pt"
+
+
+def test_a_rule_made_methods_folder_is_keyed_by_its_rule_and_resolved_hyper_parameters():
+    cfg = config(suite="smoke")
+    cfg["methods"]["knn_k5"] = {"rule": "knn_baseline", "k": "5", "temperature": 0.07}  # --config gives text
+    cfg["methods"]["knn_same"] = {"rule": "knn_baseline", "k": 20, "temperature": 0.07}
+    cfg["methods"]["knn_ruled"] = {
+        "rule": "knn_baseline",
+        "k": 20,
+        "temperature": 0.07,
+        "when": [{"shots": ["2"], "set": {"k": "3"}}],
+    }
+    cfg["suites"]["smoke"]["methods"] = ["knn", "knn_k5", "knn_same", "knn_ruled"]
+    runs = {(label, run.shots): run for label, run in Plan(cfg).suites["smoke"].runs}
+    assert runs[("knn_k5", 1)].method.hparams == {"k": 5, "temperature": 0.07}
+    assert runs[("knn_same", 1)].folder == runs[("knn", 1)].folder  # one run, whichever entry asks
+    assert runs[("knn_k5", 1)].folder != runs[("knn", 1)].folder
+    assert runs[("knn_ruled", 1)].folder == runs[("knn", 1)].folder  # the rule leaves 1 shot alone
+    assert runs[("knn_ruled", 2)].method.hparams["k"] == 3
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"rule": "knn_baseline", "method": "lora"}, r"says its runs are made by that rule, not by the library: drop `method`"),
+        ({"rule": "lora"}, r"rule 'lora' has the name of a method of the library"),
+        ({"rule": "knn-baseline"}, r"`rule: knn-baseline` is not a rule name"),
+        ({"rule": "knn_baseline", "when": [{"dataset": "dtdd", "set": {"k": 3}}]}, r"names unknown dataset 'dtdd'"),
+    ],
+)  # fmt: skip
+def test_a_wrong_rule_entry_is_an_error_naming_it(entry, message):
+    cfg = config(suite="smoke")
+    cfg["methods"]["knn"] = entry
+    with pytest.raises(ConfigError, match=message) as err:
+        Plan(cfg)
+    assert "method entry 'knn'" in str(err.value)
+
+
+def test_a_rule_made_method_cannot_be_tested_on_other_datasets():
+    cfg = config(suite="cross_dataset")
+    cfg["suites"]["cross_dataset"]["methods"].append("knn")
+    with pytest.raises(
+        ConfigError, match=r"'knn' is made by rule 'knn_baseline', whose runs cannot be tested"
+    ):
+        Plan(cfg)
+
+
+def test_the_budget_counts_a_rule_made_methods_jobs_under_its_rule():
+    from blocklora.budget import lines
+
+    out = "\n".join(lines(Plan(config(suite="smoke"))))
+    knn = next(line for line in out.splitlines() if line.strip().startswith("knn "))
+    assert knn.split()[1:] == ["2", "0", "0", "0", "0", "own", "rule"]
+    assert "29 train, 2 knn_baseline, 0 transfer, 15 profile, 1 report" in out
+    assert "'own rule': made by a rule of its own (knn_baseline)" in out

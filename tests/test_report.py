@@ -13,6 +13,7 @@ import pytest
 from blocklora import report
 from blocklora.cli import main as cli_main
 from blocklora.published import FEW_SHOT_DATASETS, PublishedEntry, load_published
+from blocklora.records import PROTOCOL_VERSION
 
 DATASETS = ["caltech101", "dtd", "eurosat"]
 METHODS = ["zeroshot", "lora", "blocklora"]
@@ -29,7 +30,7 @@ def fake_accuracy(method: str, dataset: str, shots: int, seed: int) -> float:
 
 
 def make_record(method: str, dataset: str, shots: int, seed: int, suite: str = "paper") -> dict:
-    """A run record with the contract's fields."""
+    """A run record with the contract's fields (workflow/schemas/record.schema.json), and one more (suite)."""
     return {
         "method": method,
         "dataset": dataset,
@@ -52,6 +53,8 @@ def make_record(method: str, dataset: str, shots: int, seed: int, suite: str = "
         "versions": {"torch": "2.x"},
         "git_commit": None,
         "created": "2026-01-01T00:00:00+00:00",
+        "protocol_version": PROTOCOL_VERSION,
+        "inputs": {"fewshot": "0" * 64},
     }
 
 
@@ -297,9 +300,12 @@ def test_records_of_different_protocol_versions_are_refused_unless_allowed(tmp_p
     paths = write_records(tmp_path / "results")
     for path in paths[:3]:
         record = json.loads(path.read_text())
-        record["protocol_version"] = 0
+        record["protocol_version"] = PROTOCOL_VERSION - 1
         path.write_text(json.dumps(record))
-    with pytest.raises(ValueError, match=r"different protocol versions \(unversioned: .*version 0: 3 record"):
+    older, newer = PROTOCOL_VERSION - 1, PROTOCOL_VERSION
+    with pytest.raises(
+        ValueError, match=rf"different protocol versions \(version {older}: 3 record.*version {newer}: "
+    ):
         report.load_runs(tmp_path / "results" / "runs")
     assert len(report.load_runs(tmp_path / "results" / "runs", allow_mixed=True)) == len(paths)
 
@@ -575,3 +581,62 @@ def test_report_cli_writes_both_new_sections(tmp_path, caplog):
     bad.write_text("- {method: X, backbone: b, source: s, url: u, accuracy: {dtdd: {1: 5}}}\n")
     assert cli_main([*argv, "--published", str(bad)]) == 1
     assert re.search(r"bad\.yaml, entry 1 \(X\), field `accuracy\.dtdd`: unknown dataset", caplog.text)
+
+
+# ------------------------------------------------------------------ the record schema, and runs made by a rule
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("accuracy", ..., "field 'accuracy': missing"),
+        ("accuracy", "72.3", "field 'accuracy': '72.3' is not of type 'number'"),
+        ("seed", 1.5, "field 'seed': 1.5 is not of type 'integer', 'null'"),
+    ],
+)
+def test_a_record_that_breaks_the_schema_stops_the_report_naming_file_and_field(
+    tmp_path, caplog, field, value, message
+):
+    paths = write_records(tmp_path / "results")
+    bad = paths[7]
+    record = json.loads(bad.read_text())
+    if value is ...:
+        del record[field]
+    else:
+        record[field] = value
+    bad.write_text(json.dumps(record))
+    out = tmp_path / "report"
+    argv = ["report", "--records", str(tmp_path / "results" / "runs"), "--out-dir", str(out)]
+    assert cli_main(argv) == 1
+    assert f"{bad}: {message}" in caplog.text
+    assert not (out / "report.md").exists()
+
+
+def test_a_method_made_by_a_rule_shows_in_the_efficiency_table_as_not_profiled(tmp_path):
+    paths = write_records(tmp_path / "results", methods=[*METHODS, "knn"], variants={"knn": "lora"})
+    for path in paths:
+        record = json.loads(path.read_text())
+        if "/knn/" in str(path):
+            record.update(method="knn_baseline", external=True, rule="knn_baseline", trainable_params=0)
+            record.update(code_version=None, command="python knn.py")
+            path.write_text(json.dumps(record))
+    # labelled LABEL=PATH, as the workflow gives them
+    runs = report.load_runs([f"{path.parent.parent.name}={path}" for path in paths])
+    profiles = report.load_profiles(write_profiles(tmp_path / "results"))
+    out = tmp_path / "out"
+    report.write_report(runs, profiles, out, methods=[*METHODS, "knn"])
+    table = (out / "efficiency.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| k-NN"))
+    assert row.split(" | ")[1:3] == ["0", "0.000"]  # trainable parameters, from its records
+    assert row.count(report.NOT_PROFILED) == 4
+    assert "Not profiled: k-NN (CLIP features) (rule `knn_baseline`)" in table
+    assert "| LoRA | 184,320 |" in table and table.count(report.NOT_PROFILED) == 4  # its cells only
+    text = (out / "report.md").read_text()
+    assert "Not profiled: k-NN (CLIP features)" in text.split("## Efficiency")[1]
+    assert "| k-NN (CLIP features) |" in text.split("## Paired comparison")[0]
+    efficiency = pd.read_csv(out / "efficiency.csv").set_index("label")
+    assert efficiency.loc["knn", "rule"] == "knn_baseline" and not efficiency.loc["knn", "profiled"]
+    assert "Not profiled" in (out / "efficiency.tex").read_text()
+    without = tmp_path / "without"
+    report.write_report(runs, profiles, without, methods=METHODS)
+    assert report.NOT_PROFILED not in (without / "efficiency.md").read_text()

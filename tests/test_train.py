@@ -13,6 +13,7 @@ from blocklora.cli import main
 from blocklora.experiment import build_run, run_experiment
 from blocklora.methods import FewShotTask, configured_method
 from blocklora.methods.lora import LoRA
+from blocklora.records import record_problems
 from blocklora.train import BatchSampler, TrainStep, compile_options, cosine_lr, make_optimizer
 
 FAST = {
@@ -78,6 +79,7 @@ def test_a_tiny_training_run_lowers_the_loss_and_beats_chance(
     assert record["iterations"] == 60
     on_disk = json.loads((tmp_path / f"{method}.json").read_text())
     assert set(on_disk) >= RECORD_KEYS
+    assert record_problems(on_disk) == []  # workflow/schemas/record.schema.json
     assert on_disk["accuracy"] == record["accuracy"]
     assert on_disk["peak_memory_mib"] is None and on_disk["device"].startswith("cpu")
     assert on_disk["hparams"]["rank"] == 4 and on_disk["hparams"]["weight_decay"] == 1e-2
@@ -613,3 +615,93 @@ def test_max_iterations_cuts_a_dassl_schedule_and_keeps_each_steps_rate():
     assert (full.total, cut.total, cut.epochs) == (15, 7, 3)
     assert [cut.lr(step) for step in range(7)] == [full.lr(step) for step in range(7)]
     assert train.Schedule.dassl(3, 40, {**hp, "max_iterations": 100}).total == 15
+
+
+class _Payload:
+    """What a planted checkpoint may hold: unpickling it runs code (here: writes the uid it runs as)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"import os; open({self.marker!r}, 'w').write(str(os.getuid()))",))
+
+
+def _plant(path, data: bytes) -> None:
+    """Write ``data`` at ``path`` as another user (uid 12345) where the test runs as root, as a member
+    of a group-writable results folder would; as this user elsewhere."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() == 0 and shutil.which("setpriv") and os.access("/usr/bin/python3", os.X_OK):
+        script = "import sys; open(sys.argv[1], 'wb').write(sys.stdin.buffer.read())"
+        subprocess.run(
+            ["setpriv", "--reuid=12345", "--regid=12345", "--clear-groups", "/usr/bin/python3", "-c", script, str(path)],
+            input=data, check=True,
+        )  # fmt: skip
+    else:
+        path.write_bytes(data)
+
+
+@pytest.fixture
+def shared_results():
+    """A results folder others may write to (group-writable by design; world-writable here)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="blocklora-test-", dir="/tmp"))
+    folder.chmod(0o777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("pickled", ["plain pickle", "torch.save"])
+def test_a_checkpoint_planted_in_a_shared_results_folder_runs_no_code(
+    tiny_config, tiny_checkpoint, toy_dataset, shared_results, tmp_path, caplog, pickled
+):
+    import io
+    import pickle
+
+    marker = tmp_path / "code-ran"
+    hp = {**FAST, "iterations": 4, "checkpoint_every": 2}
+    state = {"fingerprint": {"method": "lora"}, "step": 2, "payload": _Payload(marker)}
+    if pickled == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+    else:
+        data = pickle.dumps(_Payload(marker))
+    _plant(shared_results / "lora.checkpoint.pt", data)
+    record = _run(tiny_config, tiny_checkpoint, toy_dataset, shared_results, "lora", hp)
+    assert not marker.exists(), f"the planted checkpoint ran code as uid {marker.read_text()}"
+    assert record["train_stats"]["resumed_from"] == 0
+    assert f"ignoring checkpoint {shared_results / 'lora.checkpoint.pt'}" in caplog.text or (
+        f"ignoring unreadable checkpoint {shared_results / 'lora.checkpoint.pt'}" in caplog.text
+    )
+
+
+def test_a_checkpoint_whose_tensors_do_not_fit_is_not_broadcast_into_the_model(
+    tiny_config, tiny_checkpoint, toy_dataset, tmp_path, caplog
+):
+    """A (4,) tensor would broadcast silently into a (4, 16) parameter: the shape must be exact."""
+    hp = {**FAST, "iterations": 20, "checkpoint_every": 5, "blocks": 4}
+    _run_killed_at(13, tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "blocklora", hp)
+    path = tmp_path / "blocklora.checkpoint.pt"
+    state = torch.load(path, weights_only=False)  # this test's own file
+    state["params"] = [p[0].clone() for p in state["params"]]  # each parameter's first row only
+    torch.save(state, path)
+    record = _run(tiny_config, tiny_checkpoint, toy_dataset, tmp_path, "blocklora", hp)
+    assert record["train_stats"]["resumed_from"] == 0
+    assert f"ignoring checkpoint {path}: parameter 0 is" in caplog.text
+
+
+def test_a_checkpoint_holds_only_tensors_and_plain_data(tmp_path):
+    from blocklora.train import save_checkpoint
+
+    with pytest.raises(
+        TypeError, match=r"checkpoint\['extra'\]\[1\] is a PosixPath: a checkpoint holds only"
+    ):
+        save_checkpoint(tmp_path / "c.pt", extra=[1, tmp_path])
+    assert not (tmp_path / "c.pt").exists()

@@ -8,6 +8,7 @@ from blocklora.data.registry import DatasetSpec
 from blocklora.evaluate import predict
 from blocklora.experiment import run_experiment, run_transfer
 from blocklora.methods.lora import LoRA
+from blocklora.records import record_problems
 from tests.test_train import FAST as TRAIN_FAST
 
 FAST = {**TRAIN_FAST, "blocks": 4}
@@ -57,7 +58,9 @@ def test_a_class_agnostic_method_transfers_to_a_dataset_with_other_classes(
     assert record["dataset"] == "toy_target" and record["source_dataset"] == "toy_source"
     assert record["num_classes"] == 2 and record["test_size"] == 16
     assert record["accuracy"] >= 0.75
-    assert json.loads((tmp_path / "dst.json").read_text())["inputs"]["state"]
+    on_disk = json.loads((tmp_path / "dst.json").read_text())
+    assert on_disk["inputs"]["state"]
+    assert record_problems(on_disk) == []  # workflow/schemas/record.schema.json
 
 
 def test_a_class_specific_method_is_refused_on_other_classes(

@@ -13,6 +13,11 @@ final name and renamed into place, with its description (``<key>.json``) written
 asking for it at once build it once, and a partial file is never read. A file whose size or
 description does not match is rebuilt. Replacing images under the same paths is not detected:
 delete ``eval_images/`` in the cache folder after doing so.
+
+The whole file is reserved on disk (``posix_fallocate``) before it is mapped: writing to a mapped
+page the disk has no room for kills the process with SIGBUS, so a full disk is a named error instead,
+and leaves nothing behind. A temporary left by a build that was killed (ImageNet's is ~7.5 GB) is
+removed by the next build, under the lock.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -123,8 +129,9 @@ def eval_images(
                 "decoding %d test images into %s (once for every run of this dataset)", len(entries), data
             )
             meta.unlink(missing_ok=True)
+            _remove_stale_temporaries(data)
             with atomic_path(data) as tmp:
-                writable = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                writable = _reserved_map(tmp, shape, data)
                 decode(entries, image_root, size, writable, threads=threads)
                 writable.flush()
                 del writable
@@ -132,6 +139,40 @@ def eval_images(
             pixels = _read(data, meta, key, shape)
             assert pixels is not None, f"{data} was just written but does not read back"
     return EvalImages(pixels, labels, data)
+
+
+def _remove_stale_temporaries(data: Path) -> None:
+    """Temporaries of ``data`` left by a build that was killed (only the lock's holder builds it)."""
+    for stale in data.parent.glob(f".{data.name}.*.tmp"):
+        log.warning("removing %s, left by an interrupted build of %s", stale, data.name)
+        stale.unlink(missing_ok=True)
+
+
+def _reserved_map(tmp: Path, shape: tuple[int, ...], data: Path) -> np.memmap:
+    """An (N, size, size, 3) uint8 .npy file at ``tmp``, every byte of it allocated on disk first,
+    mapped for writing. A disk without room for it is an OSError naming the file and the room needed."""
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+        "fortran_order": False,
+        "shape": shape,
+    }
+    nbytes = int(np.prod(shape))
+    with open(tmp, "r+b") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        offset = f.tell()
+        try:
+            os.posix_fallocate(f.fileno(), 0, offset + nbytes)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"no room for the evaluation image cache {data}: it needs {_size(nbytes)} "
+                f"({exc.strerror}); free space in {data.parent} or point the cache elsewhere",
+            ) from None
+    return np.memmap(tmp, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _read(data: Path, meta: Path, key: dict, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from blocklora.data.errors import DataError
 from blocklora.data.extract import MARKER_DIR, layout_problems, safe_extract, unpack_ilsvrc2012, verify_layout
-from blocklora.data.fetch import fetch_source
+from blocklora.data.fetch import fetch_source, fetch_unverified
 from blocklora.data.registry import DatasetSpec, get_dataset
 from blocklora.data.splits import (
     Split,
@@ -157,24 +157,34 @@ def _build_split(where: Places, *, download: bool, progress: bool | None) -> Spl
 
 
 def _extract_sources(where: Places, *, download: bool, progress: bool | None) -> None:
+    """Extract each archive, verified by the bytes the extraction reads (never checked, then opened
+    again: a copy replaced in between could slip through)."""
     root, markers = where.root, where.root / MARKER_DIR
+
+    def unverified(source):
+        return fetch_unverified(
+            where.spec, source, where.search, where.download_dir, download=download, progress=progress
+        )
+
     if where.spec.unpack == "ilsvrc2012":
         if not (markers / "ilsvrc2012").exists():
-            paths = [
-                _fetch(where, source, download=download, progress=progress) for source in where.spec.sources
-            ]
-            unpack_ilsvrc2012(root, *paths)
+            found = [unverified(source) for source in where.spec.sources]
+            unpack_ilsvrc2012(
+                root, *(path for path, _ in found), checksums=tuple(expected.sums() for _, expected in found)
+            )
             markers.mkdir(exist_ok=True)
-            (markers / "ilsvrc2012").write_text("".join(f"{path}\n" for path in paths))
+            (markers / "ilsvrc2012").write_text("".join(f"{path}\n" for path, _ in found))
         return
     for source in where.spec.sources:
         if source.kind == "split" or (markers / source.filename).exists():
             continue
-        path = _fetch(where, source, download=download, progress=progress)
         if source.kind == "archive":
-            safe_extract(path, root)
-        elif path.resolve() != (root / source.filename).resolve():
-            shutil.copy2(path, root / source.filename)
+            path, expected = unverified(source)
+            expected.confirm(safe_extract(path, root, **expected.sums())["sha256"])
+        else:
+            path = _fetch(where, source, download=download, progress=progress)
+            if path.resolve() != (root / source.filename).resolve():
+                shutil.copy2(path, root / source.filename)
         markers.mkdir(exist_ok=True)
         (markers / source.filename).write_text(f"{path}\n")
     for nested in where.spec.nested_archives:

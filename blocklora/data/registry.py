@@ -1,7 +1,9 @@
 """The datasets the benchmark knows: where they come from, how they are laid out, how they are split.
 
 Every fact here (URLs, checksums, Google Drive ids, counts) is documented in docs/protocol.md: §3
-(datasets), §5 (prompt templates) and §7 (the transfer sets). A prepared dataset lives in
+(datasets), §5 (prompt templates) and §7 (the transfer sets). Where the authors publish no checksum,
+the sha256 comes from TensorFlow Datasets' URL checksum records, or (UCF101's frames, Food101's and
+SUN397's split files) is recorded on first download in checksums.json (see blocklora.data.fetch). A prepared dataset lives in
 ``<data_root>/<name>/``: the archives are extracted there, the images sit under
 ``<data_root>/<name>/<image_dir>/`` and ``split.json`` (CoOp format) is written last.
 """
@@ -191,8 +193,26 @@ _SUN_MANUAL = (
 )
 
 
+# sha256 of CoOp's published split files (the copies in tests/data/splits/ are these files, byte for
+# byte). Food101's and SUN397's are not known here: theirs is recorded on first download (checksums.json).
+_SPLIT_SHA256 = {
+    "Caltech101": "52ce83205ff8ff8a1a18119aad6376120ae35c36e783a984bc560cbf10e73fa5",
+    "DescribableTextures": "f26ebeccd2b58e68d70f07a0dc39fe49bf7b69024bac34396b954dfd87969c38",
+    "EuroSAT": "541503a77d0b26b735d85ec7a3e672804fe0aa466c2e5f07da772cc6c0af8ad2",
+    "OxfordFlowers": "2f50c42fc1a17ca13c271cb4269b1347bdb43d2be672e34f74a4e4cbfbcca794",
+    "OxfordPets": "d7f3ffe65b3919f95132e51422894ae18686b83c331fd8c0adcdc3dc2de6301e",
+    "StanfordCars": "40acee7aa65c8e4727a32d90e884b7c3f8960b523422317e163f7af65432959d",
+    "UCF101": "d78cb834f7c5792ceaff2c5ee2d7c76a9e4086e48a3a6b01232989d29cbefdd8",
+}
+
+
 def _split(gdrive_id: str, coop_name: str) -> Source:
-    return Source(filename=f"split_zhou_{coop_name}.json", gdrive_id=gdrive_id, kind="split")
+    return Source(
+        filename=f"split_zhou_{coop_name}.json",
+        gdrive_id=gdrive_id,
+        sha256=_SPLIT_SHA256.get(coop_name),
+        kind="split",
+    )
 
 
 _BUILTIN: tuple[DatasetSpec, ...] = (
@@ -339,6 +359,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
             Source(
                 filename="fgvc-aircraft-2013b.tar.gz",
                 url=f"{_OX}/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
+                sha256="d5f68b1b81d6d7831eb9d5c5517074176b5dfbce6bcb43dc14ed1c66a87b8d75",
                 size=2_770_575_360,
             ),
         ),
@@ -355,8 +376,8 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         split_source="fgvc_official",
         manual=f"Get fgvc-aircraft-2013b.tar.gz from {_OX}/fgvc-aircraft/ and put it in the archives folder "
         "or in <data_root>/fgvc_aircraft/.",
-        notes="No md5 is published for the archive. Split sizes (3334/3333/3333) are the official ones; "
-        "docs/protocol.md §3 did not check them.",
+        notes="The authors publish no checksum; the sha256 is TensorFlow Datasets' record of this URL. "
+        "Split sizes (3334/3333/3333) are the official ones; docs/protocol.md §3 did not check them.",
     ),
     DatasetSpec(
         name="sun397",
@@ -448,7 +469,8 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
                 filename="imagenetv2-matched-frequency.tar.gz",
                 url="https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/"
                 "imagenetv2-matched-frequency.tar.gz",
-                size=1_253_959_680,
+                sha256="f0c37fdf925916b19ea1323cd9a2208cdb6959ba2c32eef2a7fc393835c9ca7c",
+                size=1_264_079_360,
             ),
         ),
         layout=("imagenetv2-matched-frequency-format-val/0", "imagenetv2-matched-frequency-format-val/999"),
@@ -459,7 +481,9 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         imagenet_labels=True,
         manual="Get imagenetv2-matched-frequency.tar.gz from https://huggingface.co/datasets/vaishaal/ImageNetV2 "
         "and put it in the archives folder or in <data_root>/imagenet_v2/.",
-        notes="Evaluation only. Folders 0..999 are ImageNet class indices. No checksum published.",
+        notes="Evaluation only. Folders 0..999 are ImageNet class indices. The authors publish no checksum; "
+        "the sha256 and size are TensorFlow Datasets' record of this URL (the file on Hugging Face differs "
+        "from the older S3 copy). The URL names the branch `main`, not a commit: the sha256 pins the bytes.",
     ),
     DatasetSpec(
         name="imagenet_sketch",
@@ -471,6 +495,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
             Source(
                 filename="ImageNet-Sketch.zip",
                 gdrive_id="1Mj0i5HBthqH1p_yeXzsg22gZduvgoNeA",
+                sha256="4d3ce6b82a7c48aabf14aeac105eb533e75707f152cc858f55bfc022031a72ed",
                 size=7_593_573_012,
             ),
         ),
@@ -483,7 +508,8 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         manual="Get ImageNet-Sketch.zip from Google Drive https://drive.google.com/uc?id="
         "1Mj0i5HBthqH1p_yeXzsg22gZduvgoNeA (github.com/HaohanWang/ImageNet-Sketch) and put it in the archives "
         "folder or in <data_root>/imagenet_sketch/.",
-        notes="Evaluation only; wnid folders mapped to ImageNet indices. No checksum published.",
+        notes="Evaluation only; wnid folders mapped to ImageNet indices. The authors publish no checksum; the "
+        "sha256 is TensorFlow Datasets' record of this file.",
     ),
     DatasetSpec(
         name="imagenet_a",
@@ -495,6 +521,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
             Source(
                 filename="imagenet-a.tar",
                 url="https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar",
+                sha256="3bb3632277e6ba6392ea64c02ddbf4dd2266c9caffd6bc09c9656d28f012589e",
                 size=687_552_512,
             ),
         ),
@@ -507,7 +534,8 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         manual="Get imagenet-a.tar from https://github.com/hendrycks/natural-adv-examples and put it in the "
         "archives folder or in <data_root>/imagenet_a/.",
         notes="Evaluation only, 200 of the 1000 ImageNet classes (the wnid folders present). Labels are "
-        "ImageNet indices; restrict logits to the labels present in the split (see splits.class_subset).",
+        "ImageNet indices; restrict logits to the labels present in the split (see splits.class_subset). "
+        "The sha256 is TensorFlow Datasets' record of this URL (the authors publish none).",
     ),
     DatasetSpec(
         name="imagenet_r",
@@ -520,6 +548,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
                 filename="imagenet-r.tar",
                 url="https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
                 md5="a61312130a589d0ca1a8fca1f2bd3337",
+                sha256="18c6bf493b39a0d975d48e587437f562caab9c52ae6327dcfa9dd8eb54aa1b52",
                 size=2_191_079_936,
             ),
         ),
@@ -532,7 +561,7 @@ _BUILTIN: tuple[DatasetSpec, ...] = (
         manual="Get imagenet-r.tar from https://github.com/hendrycks/imagenet-r and put it in the archives "
         "folder or in <data_root>/imagenet_r/.",
         notes="Evaluation only, 200 ImageNet classes (the wnid folders present); labels are ImageNet indices. "
-        "The md5 is quoted by one loader and not verified here.",
+        "The md5 is quoted by one loader; the sha256 is TensorFlow Datasets' record of this URL.",
     ),
 )
 

@@ -234,17 +234,40 @@ class Method:
         return {}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, value in self.state().items():
-            value.data.copy_(tensors[key])
+        """Copy ``tensors`` into :meth:`state`: the same names, each of the exact shape and dtype
+        (ValueError naming the first that differs; nothing is broadcast or cast)."""
+        state = self.state()
+        missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+        if missing or unexpected:
+            raise ValueError(
+                f"it does not hold {self.name}'s tensors: missing {missing}, unexpected {unexpected}"
+            )
+        for key, value in state.items():
+            if tensors[key].shape != value.shape or tensors[key].dtype != value.dtype:
+                raise ValueError(
+                    f"{key} has shape {tuple(tensors[key].shape)} and dtype {tensors[key].dtype}, "
+                    f"the method's has {tuple(value.shape)} and {value.dtype}"
+                )
+        with torch.no_grad():
+            for key, value in state.items():
+                value.copy_(tensors[key])
 
     def save(self, path: str | Path, **metadata: Any) -> None:
         write_tensors(path, self.state(), {"method": self.name, "hparams": self.hp, **metadata})
 
     def load(self, path: str | Path) -> dict[str, Any]:
         tensors, meta = read_tensors(path)
-        if meta.get("method") != self.name:
+        if "method" not in meta:
+            raise ValueError(
+                f"{path} does not say which method wrote it (no 'method' in its metadata): it is not a "
+                "state file of this pipeline; retrain it"
+            )
+        if meta["method"] != self.name:
             raise ValueError(f"{path} holds a {meta.get('method')!r} state, not {self.name!r}")
-        self.load_state(tensors)
+        try:
+            self.load_state(tensors)
+        except ValueError as exc:
+            raise ValueError(f"{path} cannot be loaded into {self.name}: {exc}") from None
         return meta
 
     def prompt_template(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import tarfile
 import threading
@@ -42,7 +43,9 @@ class FileServer:
     shift_range: dict[str, int] = field(default_factory=dict)  # first Range: 206 from this offset instead
     delay: dict[str, float] = field(default_factory=dict)  # sleep before answering (every GET)
     ignore_range: set[str] = field(default_factory=set)  # answer 200 with the whole file to Range requests
+    no_etag: set[str] = field(default_factory=set)  # send no ETag (If-Range then cannot be used)
     log: list[tuple[str, str | None]] = field(default_factory=list)
+    if_range: list[str | None] = field(default_factory=list)  # the If-Range header of each GET
     base_url: str = ""
 
     def url(self, name: str) -> str:
@@ -60,6 +63,7 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
             name = self.path.lstrip("/")
             range_header = self.headers.get("Range")
             state.log.append((name, range_header))
+            state.if_range.append(self.headers.get("If-Range"))
             if state.delay.get(name):
                 time.sleep(state.delay[name])
             if state.fail_times.get(name, 0) > 0:
@@ -80,8 +84,10 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.end_headers()
                 return
             data = state.files[name]
+            etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+            changed = self.headers.get("If-Range") not in (None, etag)  # RFC 9110: then the whole file
             start = 0
-            if range_header and name not in state.ignore_range:
+            if range_header and name not in state.ignore_range and not changed:
                 start = int(range_header.removeprefix("bytes=").split("-")[0])
                 start = state.shift_range.pop(name, start)
                 if start >= len(data):
@@ -102,6 +108,8 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
+            if name not in state.no_etag:
+                self.send_header("ETag", etag)
             self.end_headers()
             cut = state.cut_after.pop(name, None)
             if cut is not None:

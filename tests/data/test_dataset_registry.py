@@ -102,3 +102,39 @@ def test_register_is_idempotent_but_refuses_conflicts(fresh_registry):
     register(dataclasses.replace(spec))
     with pytest.raises(ValueError, match="demo_x"):
         register(dataclasses.replace(spec, num_classes=3))
+
+
+# Files nobody publishes a checksum for (TensorFlow Datasets has no record of them either): their
+# sha256 is recorded on first download in blocklora/data/checksums.json and checked after.
+FIRST_USE = {"UCF-101-midframes.zip", "split_zhou_Food101.json", "split_zhou_SUN397.json"}
+
+
+def test_every_downloaded_file_has_a_checksum_or_is_pinned_on_first_use():
+    unchecked = {
+        source.filename
+        for name in registry.builtin_names()
+        for source in get_dataset(name).sources
+        if source.remote and not (source.md5 or source.sha256)
+    }
+    assert unchecked == FIRST_USE
+
+
+def test_a_hugging_face_url_names_a_commit_or_its_sha256_pins_the_bytes():
+    import re
+
+    for name in registry.builtin_names():
+        for source in get_dataset(name).sources:
+            if source.url and "huggingface.co" in source.url:
+                revision = re.search(r"/resolve/([^/]+)/", source.url)[1]
+                assert re.fullmatch(r"[0-9a-f]{40}", revision) or source.sha256, (name, source.url)
+
+
+def test_the_first_use_lock_file_is_well_formed_and_names_only_those_files():
+    import json
+
+    from blocklora.data.fetch import CHECKSUMS_FILE, CHECKSUMS_FORMAT
+
+    data = json.loads(CHECKSUMS_FILE.read_text())
+    assert data["format"] == CHECKSUMS_FORMAT
+    for entry in data["files"].values():
+        assert entry["filename"] in FIRST_USE and len(entry["sha256"]) == 64

@@ -1,3 +1,4 @@
+import subprocess
 import threading
 import time
 
@@ -106,3 +107,74 @@ def test_a_truncated_or_foreign_cache_file_is_detected_and_rebuilt(pictures, tmp
     np.save(path, np.zeros((8, 32, 32, 3), dtype=np.float32))  # right shape, wrong content type
     eval_images(entries, root, 32, cache_dir=tmp_path)
     assert "does not match" in caplog.text and decodes == [8, 8, 8]
+
+
+BUILD = """
+import json, sys
+from blocklora.data import eval_images as module
+entries, root, cache, slow = json.loads(sys.argv[1])
+if slow:  # a build that is killed while it decodes
+    import time
+    module.decode = lambda *args, **kwargs: time.sleep(60)
+try:
+    module.eval_images(entries, root, 320, cache_dir=cache)
+except OSError as exc:
+    sys.exit(f"OSError: {exc}")
+"""
+
+
+def _build(entries, root, cache, *, slow=False) -> subprocess.Popen:
+    import json
+    import sys
+
+    argument = json.dumps([entries, str(root), str(cache), slow])
+    return subprocess.Popen(
+        [sys.executable, "-c", BUILD, argument], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), full long before 8 images of 320x320 (2.4 MB) fit."""
+    import os
+    import shutil
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_while_building_the_cache_is_a_named_error_that_leaves_no_file(pictures, small_disk):
+    root, entries = pictures
+    job = _build(entries, root, small_disk)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 1, (
+        f"killed by signal {-job.returncode} (SIGBUS is 7)" if job.returncode < 0 else err
+    )
+    assert "no room for the evaluation image cache" in err and "it needs 2.3 MiB" in err
+    assert "free space" in err
+    assert (
+        sorted(p.name for p in (small_disk / module.SUBDIR).iterdir() if not p.name.endswith(".lock")) == []
+    )
+
+
+def test_a_temporary_left_by_a_killed_build_is_removed_by_the_next_build(pictures, tmp_path):
+    root, entries = pictures
+    cache = tmp_path / "cache"
+    job = _build(entries, root, cache, slow=True)
+    deadline = time.monotonic() + 60
+    while not list((cache / module.SUBDIR).glob(".*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.kill()  # kill -9 mid-build: its temporary (up to ~7.5 GB for ImageNet) stays behind
+    job.wait()
+    assert list((cache / module.SUBDIR).glob(".*.tmp"))
+    eval_images(entries, root, 320, cache_dir=cache)
+    assert list((cache / module.SUBDIR).glob(".*.tmp")) == []

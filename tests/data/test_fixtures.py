@@ -180,3 +180,37 @@ def test_an_ilsvrc_member_outside_its_folder_is_refused(ilsvrc):
     with pytest.raises(ExtractionError, match="not a plain file name"):
         unpack_ilsvrc2012(folder / "out", folder / "evil.tar", folder / "val.tar", folder / "devkit.tar.gz")
     assert not (folder / "escape.JPEG").exists()
+
+
+def _md5(path) -> dict:
+    import hashlib
+
+    return {"md5": hashlib.md5(path.read_bytes()).hexdigest()}
+
+
+def test_ilsvrc_archives_are_verified_as_they_are_read_and_a_mismatch_leaves_nothing(ilsvrc):
+    """The 138 GB train tar is read once: hashed while unpacked, not checked first and read again."""
+    folder, _ = ilsvrc
+    archives = [folder / "train.tar", folder / "val.tar", folder / "devkit.tar.gz"]
+    sums = tuple(_md5(path) for path in archives)
+    damaged = bytearray((folder / "val.tar").read_bytes())
+    damaged[512] ^= 1  # one bit of the first image
+    (folder / "val.tar").write_bytes(damaged)
+    with pytest.raises(ChecksumError, match=r"md5 of .*val\.tar is [0-9a-f]{32}, expected .*replace it"):
+        unpack_ilsvrc2012(folder / "out", *archives, checksums=sums)
+    assert [p.name for p in (folder / "out").iterdir()] == [".extracting.lock"]  # no half-unpacked ImageNet
+    sums = tuple(_md5(path) for path in archives)
+    unpack_ilsvrc2012(folder / "out", *archives, checksums=sums)
+    assert len(list((folder / "out" / "images" / "train").rglob("*.JPEG"))) == 6
+
+
+def test_ilsvrc_unpacking_never_writes_through_a_symlink_planted_in_the_data_folder(ilsvrc):
+    """The data folder sits in a shared results folder: a link planted at images/ is refused."""
+    folder, _ = ilsvrc
+    victim = folder / "victim"
+    victim.mkdir()
+    (folder / "out").mkdir()
+    (folder / "out" / "images").symlink_to(victim)
+    with pytest.raises(ExtractionError, match=r"out/images: it is a symlink"):
+        unpack_ilsvrc2012(folder / "out", folder / "train.tar", folder / "val.tar", folder / "devkit.tar.gz")
+    assert list(victim.iterdir()) == []

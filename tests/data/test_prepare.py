@@ -194,7 +194,9 @@ def test_fgvc_split_is_built_from_official_files(tmp_path, make_tar, monkeypatch
     spec = dataclasses.replace(
         get_dataset("fgvc_aircraft"),
         num_classes=2,
-        sources=(dataclasses.replace(get_dataset("fgvc_aircraft").sources[0], md5=_md5(archive)),),
+        sources=(
+            dataclasses.replace(get_dataset("fgvc_aircraft").sources[0], md5=_md5(archive), sha256=None),
+        ),
         split_sizes={"train": 2, "val": 2, "test": 2},
         min_images=6,
     )
@@ -214,7 +216,7 @@ def test_eval_only_sets_keep_imagenet_labels(tmp_path, make_tar, monkeypatch, no
     spec = dataclasses.replace(
         base,
         num_classes=3,
-        sources=(dataclasses.replace(base.sources[0], md5=_md5(archive)),),
+        sources=(dataclasses.replace(base.sources[0], md5=_md5(archive), sha256=None),),
         layout=(base.image_dir,),
         split_sizes={"train": 0, "val": 0, "test": 6},
         min_images=6,
@@ -246,3 +248,32 @@ def test_verify_layout_passes_on_a_good_tree_and_names_what_is_missing(tmp_path)
     }
     with pytest.raises(LayoutError, match=r"1 images named by the split are missing .*Bengal_9.jpg"):
         verify_layout(spec, tmp_path, split)
+
+
+def test_an_archive_replaced_after_it_was_first_read_is_not_what_gets_extracted(
+    toy, tmp_path, make_tar, monkeypatch, no_network
+):
+    """A shared archives folder: someone swaps the archive right after it was read once (checked).
+    What is extracted must be the bytes that were verified, so the archive is read only once."""
+    import builtins
+    import os
+    import tarfile
+    from pathlib import Path
+
+    _, archives = toy
+    archive = archives / "toy.tar.gz"
+    evil = make_tar(tmp_path / "evil.tar.gz", {**_images(), "dtd/images/banded/planted.jpg": b"x"})
+    real_open, reads = builtins.open, []
+
+    def open_then_swap(file, *args, **kwargs):
+        if isinstance(file, str | os.PathLike) and Path(file) == archive:
+            reads.append(file)
+            if len(reads) == 2:
+                os.replace(evil, archive)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_then_swap)
+    monkeypatch.setattr(tarfile, "bltn_open", open_then_swap)
+    prepare_dataset("toy_dtd", tmp_path / "data", archives_dir=archives)
+    assert not (tmp_path / "data/toy_dtd/dtd/images/banded/planted.jpg").exists()
+    assert len(reads) == 1

@@ -13,6 +13,16 @@ import torch
 import torch.nn.functional as F
 
 
+def perturbed(method, seed: int = 0, scale: float = 0.1):
+    """The method's learned tensors moved off their initial values (N(0, scale²) added), so that a
+    comparison with the reference compares something."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in method.modules_to_train().parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return method
+
+
 def tokenize(model_name: str, texts: list[str]) -> torch.Tensor:
     """Token ids at the model's full context length (no cut to the longest prompt)."""
     return open_clip.get_tokenizer(model_name)(texts)

@@ -6,15 +6,6 @@ from tests.methods import reference as ref
 TOY = {"epochs": 2, "optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.0, "log_every": 12}
 
 
-def _randomized(method, seed: int = 0):
-    """The learned tensors moved off their initial values, so that a test compares something."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in method.learner.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    return method
-
-
 def _reference_logits(method, model_name: str, images: torch.Tensor) -> torch.Tensor:
     """CoCoOp's CustomCLIP.forward: per image, the meta-net's bias on every context vector, all classes'
     prompts through the text encoder, 100 · f̂ · t̂ᵀ."""
@@ -34,7 +25,7 @@ def _reference_logits(method, model_name: str, images: torch.Tensor) -> torch.Te
 
 def test_cocoop_logits_equal_the_reference_in_training_and_at_test_time(make_method, tiny_config):
     method, _ = make_method("cocoop")
-    _randomized(method)
+    ref.perturbed(method)
     images = torch.rand(3, 3, 32, 32)
     expected = _reference_logits(method, tiny_config, images)
     with torch.no_grad():
@@ -47,7 +38,7 @@ def test_cocoop_logits_equal_the_reference_in_training_and_at_test_time(make_met
 
 def test_the_meta_nets_bias_shifts_every_context_token_of_each_image(make_method, tiny_config):
     method, _ = make_method("cocoop")
-    _randomized(method)
+    ref.perturbed(method)
     model, ctx = method.backbone.model, method.context.ctx
     features = ref.image_features(model, torch.rand(2, 3, 32, 32))
     with torch.no_grad():
@@ -97,7 +88,7 @@ def test_state_round_trip_reproduces_the_logits(assert_round_trip):
 @pytest.mark.parametrize("classes_per_chunk", [1, 3, 100])
 def test_evaluation_chunks_change_nothing(make_method, classes_per_chunk):
     method, _ = make_method("cocoop")
-    _randomized(method)
+    ref.perturbed(method)
     method.prepare_eval()
     features = ref.image_features(method.backbone.model, torch.rand(5, 3, 32, 32))
     whole = method.eval_logits_from_features(features)
@@ -107,7 +98,7 @@ def test_evaluation_chunks_change_nothing(make_method, classes_per_chunk):
 
 def test_only_the_classes_that_compete_are_encoded_at_test_time(make_method):
     method, _ = make_method("cocoop")
-    _randomized(method)
+    ref.perturbed(method)
     features = ref.image_features(method.backbone.model, torch.rand(3, 3, 32, 32))
     method.prepare_eval()
     whole = method.eval_logits_from_features(features)

@@ -13,14 +13,6 @@ TOY = {
 }
 
 
-def _randomized(method):
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in method.learner.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    return method
-
-
 def _reference_logits(method, model_name, images):
     """MaPLe's CustomCLIP.forward with its MultiModalPromptLearner: text [SOS] ctx "of a" name . with the
     compound text prompts at blocks 1…; the image with proj(ctx) appended and coupling_i(text prompt i)
@@ -45,7 +37,7 @@ def _reference_logits(method, model_name, images):
 
 def test_maple_logits_equal_the_reference(make_method, tiny_config):
     method, _ = make_method("maple", {"depth": 2})
-    _randomized(method)
+    ref.perturbed(method)
     images = torch.rand(3, 3, 32, 32)
     expected = _reference_logits(method, tiny_config, images)
     with torch.no_grad():
@@ -56,7 +48,7 @@ def test_maple_logits_equal_the_reference(make_method, tiny_config):
 
 def test_the_image_prompts_are_the_coupling_functions_of_the_text_prompts(make_method, tiny_config):
     method, _ = make_method("maple", {"depth": 2})
-    _randomized(method)
+    ref.perturbed(method)
     learner = method.learner
     ctx, deep_text = learner["context"].ctx, learner["deep_text"]
     proj, coupling = learner["proj"], learner["couplings"][0]

@@ -126,14 +126,26 @@ def test_paper_dry_run_lists_every_run_record_and_fewshot_file(paper_dry_run):
     assert outputs_of(paper_dry_run, "prepare") == {f"results/data/{d}/split.json" for d in PAPER["datasets"]}
 
 
+def made_by_rules(entries: list[str]) -> list[str]:
+    """The entries whose runs a rule of their own makes (`rule:`), not the library's train jobs."""
+    return [entry for entry in entries if "rule" in CONFIG["methods"][entry]]
+
+
 def test_the_demo_suite_builds_the_demo_backbone_and_data_first(tmp_path):
     result = snakemake(tmp_path, "-n", "-p", "--config", "suite=demo")
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
     demo = CONFIG["suites"]["demo"]
     cells = len(demo["shots"]) * len(demo["seeds"])
-    runs = len(demo["datasets"]) * ((len(demo["methods"]) - 1) * cells + 1)  # zero-shot once per dataset
+    library = len(demo["methods"]) - len(made_by_rules(demo["methods"]))
+    runs = len(demo["datasets"]) * ((library - 1) * cells + 1)  # zero-shot once per dataset
     assert counts["train"] == runs
+    assert counts["knn_baseline"] == len(demo["datasets"]) * cells
+    knn_lines = [
+        line for line in result.stdout.splitlines() if "cli script" in line and "knn_baseline.py" in line
+    ]
+    assert len(knn_lines) == counts["knn_baseline"]
+    assert all("--pretrained results/demo/backbone.pt" in line for line in knn_lines)
     assert counts["demo_corpus"] == counts["pretrain_demo"] == 1
     assert counts["demo_data"] == len(demo["datasets"])
     assert "prepare" not in counts
@@ -142,12 +154,20 @@ def test_the_demo_suite_builds_the_demo_backbone_and_data_first(tmp_path):
     assert all("--pretrained results/demo/backbone.pt" in line for line in train_lines)
 
 
-def test_the_smoke_suite_needs_no_pre_training(tmp_path):
+def test_the_smoke_suite_needs_no_pre_training_and_lists_the_rule_made_runs_under_their_rule(tmp_path):
     result = snakemake(tmp_path, "-n", "-p", "--config", "suite=smoke")
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
     assert "pretrain_demo" not in counts and "demo_corpus" not in counts
-    assert counts["demo_data"] == len(CONFIG["suites"]["smoke"]["datasets"])
+    smoke = CONFIG["suites"]["smoke"]
+    assert counts["demo_data"] == len(smoke["datasets"])
+    # the k-NN baseline: its own rule's jobs, one per shots x seed, in folders keyed by that rule
+    assert made_by_rules(smoke["methods"]) == ["knn"]
+    knn = planned_runs(result.stdout, "knn_baseline")
+    assert sorted(run[3:] for run in knn) == [(k, s) for k in smoke["shots"] for s in smoke["seeds"]]
+    assert {run[2] for run in knn} == {"knn_baseline"} and counts["knn_baseline"] == len(knn)
+    assert not any("knn" in path for path in outputs_of(result.stdout, "train"))
+    assert counts["profile"] == len(smoke["methods"]) - 1  # the library cannot profile its code
 
 
 @pytest.mark.parametrize("suite", sorted(CONFIG["suites"]))
@@ -204,8 +224,10 @@ def test_methods_all_means_every_method_entry(tmp_path):
     config["suites"]["tiny"] = {**config["suites"]["smoke"], "methods": "all", "hparams": {}}
     result = snakemake(tmp_path, "-n", "-q", "rules", config=config)
     assert result.returncode == 0, result.stdout + result.stderr
-    # every entry is profiled; blocklora_n8 has blocklora's hyper-parameters, so they share one profile
-    assert job_counts(result.stdout)["profile"] == len(config["methods"]) - 1
+    # every library entry is profiled; blocklora_n8 has blocklora's hyper-parameters, so they share one
+    assert job_counts(result.stdout)["profile"] == len(config["methods"]) - 1 - len(
+        made_by_rules(config["methods"])
+    )
 
 
 def test_lint_passes(tmp_path):
@@ -314,3 +336,17 @@ def test_a_wrong_hyper_parameter_stops_the_workflow_before_any_job(tmp_path, hpa
         snakemake(tmp_path, "-n", "--config", f"suites={{paper: {{hparams: {hparams}}}}}")
     )
     assert re.search(message, text) and "suite 'paper'" in text
+
+
+def test_a_config_value_that_reaches_a_shell_cannot_run_commands(tmp_path):
+    """demo.backbone is a word of the pre-training job's command line: a value carrying shell syntax
+    is refused by the schema (naming it), and would be quoted anyway."""
+    injected = "demo-tiny$(touch INJECTED)"
+    result = snakemake(
+        tmp_path, "--cores", "1", "results/demo/backbone.pt",
+        "--config", f"demo={{backbone: '{injected}', corpus_images: 2}}",
+        env={"BLOCKLORA_PRELOAD": "0", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+    )  # fmt: skip
+    assert not (tmp_path / "INJECTED").exists(), "a config value ran a shell command"
+    text = failed_before_any_job(result)
+    assert injected in text and "does not match" in text and "backbone" in text

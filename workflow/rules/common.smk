@@ -69,7 +69,8 @@ wildcard_constraints:
     source=_regex(config["datasets"]),
     target=_regex(config["datasets"]),
     setup=r"[^/]+",
-    method=r"[A-Za-z0-9_]+-[0-9a-f]{8}",
+    # the library's methods: a run folder of a rule-made method matches its own rule only (external_output)
+    method=rf"(?:{_regex(PLAN.library_methods())})-[0-9a-f]{{8}}",
     cell=r"shots\d+_seed\d+|any_shots",
     shots=r"\d+",
     seed=r"\d+",
@@ -157,6 +158,87 @@ def report_inputs(w) -> dict:
 
 def report_args(w) -> str:
     return shlex.join(PLAN.report_args(w.suite))
+
+
+# ------------------------------------------------------------------ a baseline as a rule (README)
+# A method entry `NAME: {rule: RULE, ...}` is made by RULE, a rule of its own (workflow/rules/knn_baseline.smk
+# is the worked example). These give it its paths, inputs and params.
+
+
+def external_output(rule_name: str, name: str = "record.json") -> str:
+    """A file in the run folder of a run made by ``rule_name``: its record (the default) or another
+    file it keeps (``state.npz``); only that rule's runs match it."""
+    folder = f"{{method,{rule_name}-[0-9a-f]{{8}}}}"
+    return f"{RESULTS}/runs/{{setup}}/{{dataset}}/{folder}/{{cell}}/{name}"
+
+
+def external_log(rule_name: str) -> str:
+    return f"{RESULTS}/logs/{rule_name}/{{setup}}/{{dataset}}/{{method}}/{{cell}}.log"
+
+
+def external_benchmark(rule_name: str) -> str:
+    return f"{RESULTS}/benchmarks/{rule_name}/{{setup}}/{{dataset}}/{{method}}/{{cell}}.tsv"
+
+
+def external_inputs(w) -> dict:
+    """input.split, input.fewshot and input.checkpoint (the backbone's weights file, if any) of a rule-made run."""
+    return PLAN.rule_inputs(run_of(w))
+
+
+def _external_param(key: str):
+    def param(w) -> str:
+        return PLAN.rule_params(run_of(w))[key]
+
+    param.__name__ = f"external_{key}"
+    return param
+
+
+# params.method, .dataset, .shots, .seed, .backbone, .pretrained, .model_configs, .image_root, .hparams
+# (JSON), .device, .run_dir of a rule-made run: `params: **EXTERNAL_PARAMS`.
+EXTERNAL_PARAMS = {
+    key: _external_param(key)
+    for key in (
+        "method",
+        "dataset",
+        "shots",
+        "seed",
+        "backbone",
+        "pretrained",
+        "model_configs",
+        "image_root",
+        "hparams",
+        "device",
+        "run_dir",
+    )
+}
+
+
+def check_external_rules() -> None:
+    """Every method entry with `rule:` names a rule of this workflow that, alone, writes its runs'
+    records; called from the Snakefile once every rule file is included, before any job is planned."""
+    dataset = next(iter(config["datasets"]))
+
+    def example(rule_name: str) -> str:
+        return f"{RESULTS}/runs/backbone_weights/{dataset}/{rule_name}-0123abcd/shots1_seed1/record.json"
+
+    rules = {r.name: r for r in workflow.rules}
+    makers = sorted(name for name, r in rules.items() if r.is_producer(example(name)))
+    how = (
+        "rules that write run records: "
+        + (", ".join(makers) or "none")
+        + ". A rule of your own goes in a file under workflow/rules/, included from the Snakefile, with "
+        "output record=external_output(RULE) (README, 'Adding a baseline as a rule')"
+    )
+    for rule_name, entries in sorted(PLAN.external_rules().items()):
+        where = f"method entr{'y' if len(entries) == 1 else 'ies'} {', '.join(map(repr, entries))}"
+        if rule_name not in rules:
+            raise WorkflowError(f"{where}: `rule: {rule_name}` names no rule of this workflow; {how}")
+        producers = [name for name, r in rules.items() if r.is_producer(example(rule_name))]
+        if producers != [rule_name]:
+            raise WorkflowError(
+                f"{where}: rule {rule_name!r} must be the one rule that writes the records of its runs, "
+                f"but {', '.join(producers) or 'no rule'} does; give it output record=external_output({rule_name!r})"
+            )
 
 
 def resource(kind: str, key: str, default: int) -> int:

@@ -54,7 +54,7 @@ rule demo_data:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli demo-data {wildcards.dataset} --data-root {params.data_root:q} --seed {params.seed} > {log:q} 2>&1"
+        "python -m blocklora.cli demo-data {wildcards.dataset} --data-root {params.data_root:q} --seed {params.seed:q} > {log:q} 2>&1"
 
 
 rule demo_corpus:
@@ -68,7 +68,7 @@ rule demo_corpus:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli demo-corpus --out {output:q} --images {params.images} --seed {params.seed} > {log:q} 2>&1"
+        "python -m blocklora.cli demo-corpus --out {output:q} --images {params.images:q} --seed {params.seed:q} > {log:q} 2>&1"
 
 
 rule pretrain_demo:
@@ -91,7 +91,7 @@ rule pretrain_demo:
     conda:
         "../../envs/blocklora.yaml"
     shell:
-        "python -m blocklora.cli pretrain-demo --corpus {input.corpus:q} --backbone {params.backbone} {params.options} --threads {threads} --stats {output.stats:q} --out {output.checkpoint:q} --no-progress > {log:q} 2>&1"
+        "python -m blocklora.cli pretrain-demo --corpus {input.corpus:q} --backbone {params.backbone:q} {params.options} --threads {threads} --stats {output.stats:q} --out {output.checkpoint:q} --no-progress > {log:q} 2>&1"
 
 
 rule fewshot:
