@@ -241,8 +241,46 @@ def check_external_rules() -> None:
             )
 
 
-def resource(kind: str, key: str, default: int) -> int:
-    return config.get("resources", {}).get(kind, {}).get(key, default)
+# ------------------------------------------------------------------ what a job asks a scheduler for
+# config `resources:`, per kind of job, of the suites the job serves (a suite's own over the top-level
+# ones; where several suites share a job, the largest of theirs): blocklora.plan.Plan.job_resources.
+
+
+def job_resource(kind: str, key: str, job=None):
+    """A rule's `threads:` or one of its `resources:`: ``kind`` of config `resources:` (train, profile,
+    pretrain, data, other); ``job(wildcards)`` names the run, transfer or profile (else every chosen
+    suite decides)."""
+
+    def value(wildcards) -> int:
+        return PLAN.job_resources(kind, job(wildcards) if job else None)[key]
+
+    value.__name__ = f"{kind}_{key}"
+    return value
+
+
+def _run_key(w) -> str:
+    return run_of(w).folder
+
+
+def _transfer_key(w) -> str:
+    return transfer_of(w).folder
+
+
+def _profile_key(w) -> str:
+    return profile_of(w).path
+
+
+# A rule that makes runs (a baseline as a rule, README): `threads: RUN_THREADS`, `resources: **RUN_RESOURCES`.
+RUN_THREADS = job_resource("train", "threads", _run_key)
+RUN_RESOURCES = {key: job_resource("train", key, _run_key) for key in ("gpu", "mem_mb", "runtime")}
+TRANSFER_THREADS = job_resource("train", "threads", _transfer_key)
+TRANSFER_RESOURCES = {key: job_resource("train", key, _transfer_key) for key in ("gpu", "mem_mb", "runtime")}
+PROFILE_THREADS = job_resource("profile", "threads", _profile_key)
+PROFILE_RESOURCES = {key: job_resource("profile", key, _profile_key) for key in ("gpu", "mem_mb", "runtime")}
+PRETRAIN_THREADS = job_resource("pretrain", "threads")
+PRETRAIN_RESOURCES = {key: job_resource("pretrain", key) for key in ("mem_mb", "runtime")}
+DATA_RESOURCES = {key: job_resource("data", key) for key in ("mem_mb", "runtime")}
+OTHER_RESOURCES = {key: job_resource("other", key) for key in ("mem_mb", "runtime")}
 
 
 # ------------------------------------------------------------------ data
