@@ -272,7 +272,7 @@ def _profile_key(w) -> str:
     return profile_of(w).path
 
 
-# A rule that makes runs (a baseline as a rule, README): `threads: RUN_THREADS`, `resources: **RUN_RESOURCES`.
+# `threads: RUN_THREADS` and `resources: **RUN_RESOURCES` in a baseline made by its own rule (README)
 RUN_THREADS = job_resource("train", "threads", _run_key)
 RUN_RESOURCES = {key: job_resource("train", key, _run_key) for key in ("gpu", "mem_mb", "runtime")}
 TRANSFER_THREADS = job_resource("train", "threads", _transfer_key)
@@ -306,7 +306,7 @@ def slurm_jobs_left_here() -> list[tuple[str, str, str]]:
     jobs = []
     for line in listing.splitlines():
         fields = line.split("|", 4)
-        # the executor plugin names each job's rule in its comment: rule_<rule>[_wildcards_...]
+        # the executor plugin's comment on each job names its rule ("rule_<name>[_wildcards_...]")
         if len(fields) == 5 and fields[3].startswith("rule_") and os.path.realpath(fields[4]) in here:
             jobs.append((fields[0], fields[1], fields[2]))
     return jobs
