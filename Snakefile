@@ -36,3 +36,8 @@ rule all:
 
 # Once every rule file is included: each method entry with `rule:` names a rule above that writes its runs.
 check_external_rules()
+
+
+# Before the first job: no Slurm job of a killed snakemake still writes into this folder.
+onstart:
+    refuse_to_run_beside_slurm_jobs()

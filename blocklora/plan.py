@@ -50,6 +50,17 @@ DEMO_CHECKPOINT = "demo/backbone.pt"  # under results_dir; built by the demo pre
 PUBLISHED = "workflow/published/few_shot.yaml"  # config `published:` when not given; under the repository
 FIXTURES = "fixtures"  # under the rehearsal's results_dir: the fixture archives and sources.json
 MODEL_CONFIGS = Path(__file__).resolve().with_name("model_configs")  # blocklora's backbones (demo-tiny)
+# What one job of each kind asks a scheduler for, where config `resources:` does not say (it does in
+# config.yaml): train (train and transfer jobs, and the runs of rule-made baselines), profile, pretrain
+# (the demo's pre-training, on CPU), data (download and prepare) and other (every other job: few-shot
+# files, synthetic data, fixtures, reports). gpu: GPUs, mem_mb: MB, runtime: minutes, threads: CPUs.
+DEFAULT_RESOURCES: dict[str, dict[str, int]] = {
+    "train": {"gpu": 1, "mem_mb": 32000, "runtime": 240, "threads": 1},
+    "profile": {"gpu": 1, "mem_mb": 32000, "runtime": 30, "threads": 1},
+    "pretrain": {"mem_mb": 8000, "runtime": 120, "threads": 8},
+    "data": {"mem_mb": 8000, "runtime": 480},
+    "other": {"mem_mb": 2000, "runtime": 60},
+}
 
 
 class ConfigError(ValueError):
@@ -306,6 +317,15 @@ class Plan:
             chosen = _as_list(cfg["suite"])
         self.chosen = chosen
         self.suites = {name: self._expand(name) for name in chosen}
+        # which chosen suites ask for each run, transfer and profile (their resources decide the job's)
+        self._asked_by: dict[str, set[str]] = {}
+        for name, plan in self.suites.items():
+            for key in [
+                *(run.folder for _, run in plan.runs),
+                *(t.folder for _, t in plan.transfers),
+                *(p.path for _, p in plan.profiles),
+            ]:
+                self._asked_by.setdefault(key, set()).add(name)
 
     # -------------------------------------------------------------- checks
 
@@ -679,6 +699,27 @@ class Plan:
     def report_dir(self, suite: str) -> str:
         return f"{self.results}/{suite}/report"
 
+    def suite_resources(self, suite: str) -> dict[str, dict[str, int]]:
+        """What each kind of job of ``suite`` asks for: the suite's own ``resources:`` over the
+        top-level ``resources:`` over :data:`DEFAULT_RESOURCES`, key by key."""
+        merged = copy.deepcopy(DEFAULT_RESOURCES)
+        for layer in (self.config.get("resources"), self.config["suites"][suite].get("resources")):
+            for kind, values in (layer or {}).items():
+                merged[kind].update(values)
+        return merged
+
+    def job_resources(self, kind: str, key: str | None = None) -> dict[str, int]:
+        """What one job of ``kind`` asks for. ``key`` (a run or transfer folder, a profile path) names
+        the job: the suites that ask for it decide, each value the largest of theirs where several
+        share it. Without a key (data, pre-training, few-shot files, reports), every chosen suite does."""
+        if kind not in DEFAULT_RESOURCES:
+            raise ConfigError(
+                f"no job kind {kind!r} in `resources:`; known kinds: {_known(DEFAULT_RESOURCES)}"
+            )
+        suites = sorted(self._asked_by.get(key, ())) if key is not None else []
+        wanted = [self.suite_resources(suite)[kind] for suite in suites or self.chosen]
+        return {name: max(values[name] for values in wanted) for name in wanted[0]}
+
     def datasets_used(self) -> list[str]:
         """Every dataset the chosen suites train or test on, in config order."""
         used = {d for plan in self.suites.values() for d in [*plan.datasets, *plan.targets]}
@@ -730,6 +771,8 @@ def _apply_rehearsal(config: dict) -> None:
         config["profile"] = {**config.get("profile", {}), **rehearsal["profile"]}
     for name in rehearsal["suites"]:
         suite = config["suites"][name]
+        if "resources" in rehearsal:  # small jobs, whatever the real suite asks for
+            suite["resources"] = {**suite.get("resources", {}), **copy.deepcopy(rehearsal["resources"])}
         for key in ("backbone", "pretrained", "shots", "seeds", "profile_classes"):
             if key in rehearsal:
                 suite[key] = copy.deepcopy(rehearsal[key])

@@ -4,7 +4,8 @@ The commands are read from the documents' code blocks. Snakemake commands are dr
 temporary directory, so that the DAG they ask for is built and checked; ``--unlock`` and ``--lint``
 run as they are. ``blocklora plan`` runs; other ``blocklora`` commands and the benchmark scripts are
 parsed by their own argument parsers, which is where a wrong or missing option fails. Installation
-commands and the test command itself are recognised and left alone.
+commands and the test command itself are recognised and left alone; the local Slurm's script is
+checked for its commands (tests/workflow/test_slurm.py runs it).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def kind(argv: list[str]) -> str | None:
     if argv[0].endswith("/"):  # a folder of a file tree
         return None
     program = Path(argv[0]).name
-    if program in ("snakemake", "blocklora", "gpu_check.sh"):
+    if program in ("snakemake", "blocklora", "gpu_check.sh", "local_cluster.sh"):
         return program
     if program in (".", "pip") or (len(argv) > 2 and argv[1] == "-m" and argv[2] in LEFT_ALONE):
         return "left alone"
@@ -93,7 +94,7 @@ ALL = [(doc, argv) for doc in DOCUMENTS for argv in commands(doc)]
 
 def test_the_documents_show_commands_of_every_kind():
     kinds = {kind(argv) for _, argv in ALL}
-    assert {"snakemake", "blocklora", "script", "gpu_check.sh", "left alone"} <= kinds
+    assert {"snakemake", "blocklora", "script", "gpu_check.sh", "local_cluster.sh", "left alone"} <= kinds
     assert sum(kind(argv) == "snakemake" for _, argv in ALL) >= 10
 
 
@@ -189,3 +190,14 @@ def test_the_gpu_script_is_executable_shell(item):
     assert os.access(script, os.X_OK), f"{script} is not executable"
     subprocess.run(["bash", "-n", str(script)], check=True)
     assert set(item[1][1:]) <= {"--fetch-wheels", "--cpu"}
+
+
+@pytest.mark.parametrize("item", [i for i in ALL if kind(i[1]) == "local_cluster.sh"], ids=_id)
+def test_the_local_slurm_script_is_executable_shell_and_knows_its_commands(item):
+    """It starts Slurm as root, so it is not run here: tests/workflow/test_slurm.py runs it (-m slurm)."""
+    script = REPO / item[1][0]
+    assert os.access(script, os.X_OK), f"{script} is not executable"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert len(item[1]) == 2 and item[1][1] in {"start", "stop", "status"}
+    usage = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    assert f"{item[1][1]} " in usage.stderr

@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = REPO / "docs" / "protocol.md"
+TEXT = (".py", ".md", ".smk", ".yaml", ".rst", ".toml")
+# what a checkout holds beside the project's own files: version control, environments, caches, and
+# (at the top) the workflow's outputs and build folders
+ANYWHERE = {".git", ".venv", ".snakemake", ".pytest_cache", ".ruff_cache", "__pycache__"}
+AT_THE_TOP = {"results", ".whl", "build", "dist"}
 
 
-def tracked_text_files() -> list[Path]:
-    names = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return [REPO / n for n in names.split() if n.endswith((".py", ".md", ".smk", ".yaml", ".rst", ".toml"))]
+def project_text_files() -> list[Path]:
+    """The project's text files, read from the tree itself (a git archive or a copy has no .git)."""
+    found = []
+    for folder, subfolders, files in os.walk(REPO):
+        skip = ANYWHERE | (AT_THE_TOP if Path(folder) == REPO else set())
+        subfolders[:] = sorted(d for d in subfolders if d not in skip and not d.endswith(".egg-info"))
+        found += [Path(folder, name) for name in sorted(files) if name.endswith(TEXT)]
+    return found
+
+
+def test_the_file_list_is_gits_where_there_is_git():
+    """Walking the tree finds what git holds (tracked files, and new ones it does not ignore)."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout (a git archive or a copy): nothing to compare the walk with")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")  # fmt: skip
+    expected = {name for name in listed if name.endswith(TEXT) and (REPO / name).is_file()}
+    assert {path.relative_to(REPO).as_posix() for path in project_text_files()} == expected
 
 
 def test_every_citation_of_the_protocol_names_a_section_it_has():
     sections = set(re.findall(r"^## (§\d+) ", PROTOCOL.read_text(), re.M))
     assert sections == {f"§{i}" for i in range(1, 11)}
     cited = {}
-    for path in tracked_text_files():
+    for path in project_text_files():
         for match in re.finditer(
             r"docs/protocol\.md((?:[ :,]+(?:and )?§\d+(?: \([^)]*\))?)+)", path.read_text()
         ):
@@ -30,7 +56,7 @@ def test_every_citation_of_the_protocol_names_a_section_it_has():
 
 
 def test_nothing_cites_documents_outside_the_repository():
-    for path in tracked_text_files():
+    for path in project_text_files():
         if path.name == "test_docs.py":
             continue
         text = path.read_text()

@@ -346,3 +346,67 @@ def test_the_budget_counts_a_rule_made_methods_jobs_under_its_rule():
     assert knn.split()[1:] == ["2", "0", "0", "0", "0", "own", "rule"]
     assert "29 train, 2 knn_baseline, 0 transfer, 15 profile, 1 report" in out
     assert "'own rule': made by a rule of its own (knn_baseline)" in out
+
+
+def test_a_suites_jobs_ask_for_its_own_resources_over_the_top_level_ones():
+    plan = Plan(config(suite=["paper", "smoke"]))
+    paper = plan.all_runs()[next(run.folder for _, run in plan.suites["paper"].runs)]
+    smoke = plan.all_runs()[next(run.folder for _, run in plan.suites["smoke"].runs)]
+    assert plan.job_resources("train", paper.folder) == CONFIG["resources"]["train"]
+    assert plan.job_resources("train", smoke.folder) == CONFIG["suites"]["smoke"]["resources"]["train"]
+    assert plan.job_resources("train", smoke.folder)["mem_mb"] <= 2000
+    profile = next(p.path for _, p in plan.suites["smoke"].profiles)
+    assert plan.job_resources("profile", profile)["runtime"] <= 10
+    # a job no run names (few-shot files, reports): the largest of the chosen suites
+    assert plan.job_resources("other") == CONFIG["resources"]["other"]
+    assert (
+        Plan(config(suite="smoke")).job_resources("other") == CONFIG["suites"]["smoke"]["resources"]["other"]
+    )
+
+
+def test_a_run_that_suites_share_asks_for_the_largest_of_their_resources_key_by_key():
+    cfg = config(suite=["paper", "ablation"])
+    cfg["resources"] = {"train": {"mem_mb": 1000, "runtime": 5}}  # the top level, under both
+    cfg["suites"]["paper"]["resources"] = {"train": {"mem_mb": 24000}}
+    cfg["suites"]["ablation"]["resources"] = {"train": {"runtime": 600, "gpu": 2}}
+    plan = Plan(cfg)
+    shared = {run.folder for _, run in plan.suites["paper"].runs} & {
+        run.folder for _, run in plan.suites["ablation"].runs
+    }
+    only_paper = next(run.folder for _, run in plan.suites["paper"].runs if run.folder not in shared)
+    assert shared
+    assert plan.job_resources("train", sorted(shared)[0]) == {
+        "gpu": 2,
+        "mem_mb": 24000,
+        "runtime": 600,
+        "threads": 1,
+    }
+    assert plan.job_resources("train", only_paper) == {"gpu": 1, "mem_mb": 24000, "runtime": 5, "threads": 1}
+    with pytest.raises(ConfigError, match="no job kind 'trian'"):
+        plan.job_resources("trian")
+
+
+def test_the_rehearsal_asks_for_small_jobs_whatever_the_real_suites_ask_for():
+    plan = Plan(config(rehearse=True))
+    small = CONFIG["rehearsal"]["resources"]
+    for name, suite in plan.suites.items():
+        assert plan.job_resources("train", suite.runs[0][1].folder) == small["train"], name
+    assert plan.job_resources("data") == small["data"]
+
+
+@pytest.mark.parametrize(
+    ("resources", "where"),
+    [
+        ({"train": {"memory": 3000}}, "memory"),
+        ({"other": {"gpu": 1}}, "gpu"),
+        ({"train": {"mem_mb": 0}}, "0"),
+        ({"gpus": {"gpu": 1}}, "gpus"),
+    ],
+)
+def test_resources_are_checked_by_the_schema(resources, where):
+    import jsonschema
+
+    cfg = config()
+    cfg["suites"]["smoke"]["resources"] = resources
+    with pytest.raises(jsonschema.ValidationError, match=where):
+        jsonschema.validate(cfg, SCHEMA)

@@ -78,6 +78,17 @@ def test_the_readmes_rule_skeleton_gets_its_jobs_under_its_own_name(tmp_path):
     assert len(shell) == len(cells) and all(f"--hparams '{hparams}'" in line for line in shell)
     assert all("--image-root results/data/demo_shapes/images" in line for line in shell)
     assert all("--pretrained none" in line for line in shell)
+    # RUN_THREADS and RUN_RESOURCES: what the suite asks for its runs (config.yaml, smoke's `resources: train:`)
+    blocks = [
+        b for b in re.split(r"\n(?=(?:local)?rule \w+:)", output) if b.strip().startswith("rule my_baseline:")
+    ]
+    train = smoke["resources"]["train"]
+    assert len(blocks) == len(cells)
+    for block in blocks:
+        threads = re.search(r"^\s+threads: (\d+)$", block, re.M)  # snakemake shows only more than 1
+        assert (int(threads[1]) if threads else 1) == train["threads"], block
+        resources = re.search(r"^\s+resources: (.+)$", block, re.M)[1]
+        assert f"mem_mb={train['mem_mb']}," in resources and f"runtime={train['runtime']}" in resources
 
 
 def test_a_rule_that_the_workflow_lacks_stops_it_before_any_job_listing_the_rules(tmp_path):

@@ -9,6 +9,8 @@ they are, each made once whichever suites ask for it.
 import json
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -241,8 +243,95 @@ def check_external_rules() -> None:
             )
 
 
-def resource(kind: str, key: str, default: int) -> int:
-    return config.get("resources", {}).get(kind, {}).get(key, default)
+# ------------------------------------------------------------------ what a job asks a scheduler for
+# config `resources:`, per kind of job, of the suites the job serves (a suite's own over the top-level
+# ones; where several suites share a job, the largest of theirs): blocklora.plan.Plan.job_resources.
+
+
+def job_resource(kind: str, key: str, job=None):
+    """A rule's `threads:` or one of its `resources:`: ``kind`` of config `resources:` (train, profile,
+    pretrain, data, other); ``job(wildcards)`` names the run, transfer or profile (else every chosen
+    suite decides)."""
+
+    def value(wildcards) -> int:
+        return PLAN.job_resources(kind, job(wildcards) if job else None)[key]
+
+    value.__name__ = f"{kind}_{key}"
+    return value
+
+
+def _run_key(w) -> str:
+    return run_of(w).folder
+
+
+def _transfer_key(w) -> str:
+    return transfer_of(w).folder
+
+
+def _profile_key(w) -> str:
+    return profile_of(w).path
+
+
+# `threads: RUN_THREADS` and `resources: **RUN_RESOURCES` in a baseline made by its own rule (README)
+RUN_THREADS = job_resource("train", "threads", _run_key)
+RUN_RESOURCES = {key: job_resource("train", key, _run_key) for key in ("gpu", "mem_mb", "runtime")}
+TRANSFER_THREADS = job_resource("train", "threads", _transfer_key)
+TRANSFER_RESOURCES = {key: job_resource("train", key, _transfer_key) for key in ("gpu", "mem_mb", "runtime")}
+PROFILE_THREADS = job_resource("profile", "threads", _profile_key)
+PROFILE_RESOURCES = {key: job_resource("profile", key, _profile_key) for key in ("gpu", "mem_mb", "runtime")}
+PRETRAIN_THREADS = job_resource("pretrain", "threads")
+PRETRAIN_RESOURCES = {key: job_resource("pretrain", key) for key in ("mem_mb", "runtime")}
+DATA_RESOURCES = {key: job_resource("data", key) for key in ("mem_mb", "runtime")}
+OTHER_RESOURCES = {key: job_resource("other", key) for key in ("mem_mb", "runtime")}
+
+
+# ------------------------------------------------------------------ Slurm jobs a killed snakemake left
+
+
+def slurm_jobs_left_here() -> list[tuple[str, str, str]]:
+    """(job id, job name, state) of the jobs snakemake submitted to Slurm for this user from this
+    working directory that are still queued or running; none where there is no Slurm (no squeue, or
+    a controller that does not answer)."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return []
+    try:
+        listing = subprocess.run(
+            [squeue, f"--user={os.getuid()}", "--noheader", "--format=%i|%j|%T|%k|%Z"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    here = {os.path.realpath(os.getcwd()), os.path.realpath(workflow.workdir_init)}
+    jobs = []
+    for line in listing.splitlines():
+        fields = line.split("|", 4)
+        # the executor plugin's comment on each job names its rule ("rule_<name>[_wildcards_...]")
+        if len(fields) == 5 and fields[3].startswith("rule_") and os.path.realpath(fields[4]) in here:
+            jobs.append((fields[0], fields[1], fields[2]))
+    return jobs
+
+
+def refuse_to_run_beside_slurm_jobs() -> None:
+    """Called before the first job is started (`onstart`): a snakemake killed while its jobs ran in
+    Slurm leaves them running there, and starting again would make their runs a second time beside
+    them (rerun-incomplete takes their unfinished outputs for leftovers). README, "Slurm"."""
+    if getattr(workflow.executor_plugin, "name", None) != "slurm":
+        return  # squeue may take seconds to say that there is no Slurm: only asked when submitting to one
+    jobs = slurm_jobs_left_here()
+    if not jobs:
+        return
+    runs = sorted({name for _, name, _ in jobs})
+    names = ",".join(runs)
+    listing = ", ".join(f"{job_id} ({state.lower()})" for job_id, _, state in jobs)
+    raise WorkflowError(
+        f"{len(jobs)} Slurm job{'s' if len(jobs) > 1 else ''} of another snakemake run in this folder "
+        f"{'are' if len(jobs) > 1 else 'is'} still queued or running: {listing}; its run ID (their job "
+        f"name): {names}. Starting now would make their runs a second time beside them. If "
+        f"that snakemake was killed, wait until they end (`squeue --name {names}` lists those left) "
+        f"or cancel them (`scancel --name {names}`: a cancelled training resumes from its checkpoint), "
+        "then run this command again; if it still runs, let it finish first."
+    )
 
 
 # ------------------------------------------------------------------ data

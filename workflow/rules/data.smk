@@ -13,8 +13,7 @@ rule download:
     params:
         args=data_args,
     resources:
-        mem_mb=2000,
-        runtime=480,
+        **DATA_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:
@@ -33,8 +32,7 @@ rule prepare:
     params:
         args=data_args,
     resources:
-        mem_mb=8000,
-        runtime=240,
+        **DATA_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:
@@ -51,6 +49,8 @@ rule demo_data:
     params:
         data_root=lambda w, output: os.path.dirname(os.path.dirname(output.split)),
         seed=config.get("demo", {}).get("data_seed", 0),
+    resources:
+        **OTHER_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:
@@ -65,6 +65,8 @@ rule demo_corpus:
     params:
         images=config.get("demo", {}).get("corpus_images", 8000),
         seed=config.get("demo", {}).get("corpus_seed", 0),
+    resources:
+        **OTHER_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:
@@ -84,10 +86,9 @@ rule pretrain_demo:
     params:
         backbone=config.get("demo", {}).get("backbone", "demo-tiny"),
         options=pretrain_args,
-    threads: 8
+    threads: PRETRAIN_THREADS
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **PRETRAIN_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:
@@ -101,6 +102,8 @@ rule fewshot:
         f"{RESULTS}/fewshot/{{dataset}}/shots{{shots}}_seed{{seed}}.json",
     log:
         f"{RESULTS}/logs/fewshot/{{dataset}}/shots{{shots}}_seed{{seed}}.log",
+    resources:
+        **OTHER_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:
@@ -117,6 +120,8 @@ rule fixtures:
     params:
         datasets=lambda w: shlex.join(d for d in PLAN.datasets_used() if d in DOWNLOADED),
         out=lambda w, output: os.path.dirname(output[0]),
+    resources:
+        **OTHER_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:

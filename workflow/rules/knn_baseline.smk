@@ -44,11 +44,9 @@ rule knn_baseline:
         external_benchmark("knn_baseline")
     params:
         **EXTERNAL_PARAMS,
-    threads: resource("train", "threads", 1)
+    threads: RUN_THREADS
     resources:
-        gpu=resource("train", "gpu", 1),
-        mem_mb=resource("train", "mem_mb", 32000),
-        runtime=resource("train", "runtime", 240),
+        **RUN_RESOURCES,  # config `resources: train:` of the suites that run it
     conda:
         "../../envs/blocklora.yaml"
     shell:

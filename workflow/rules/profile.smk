@@ -13,11 +13,9 @@ rule profile:
         f"{RESULTS}/benchmarks/profile/{{setup}}/{{method}}/classes{{classes}}.tsv"
     params:
         args=profile_args,
-    threads: resource("profile", "threads", 1)
+    threads: PROFILE_THREADS
     resources:
-        gpu=resource("profile", "gpu", 1),
-        mem_mb=resource("profile", "mem_mb", 32000),
-        runtime=resource("profile", "runtime", 30),
+        **PROFILE_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:

@@ -77,6 +77,8 @@ rule report:
     params:
         out_dir=lambda w: PLAN.report_dir(w.suite),
         args=report_args,
+    resources:
+        **OTHER_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:

@@ -15,11 +15,9 @@ rule train:
         f"{RESULTS}/benchmarks/train/{{setup}}/{{dataset}}/{{method}}/{{cell}}.tsv"
     params:
         args=train_args,
-    threads: resource("train", "threads", 1)
+    threads: RUN_THREADS
     resources:
-        gpu=resource("train", "gpu", 1),
-        mem_mb=resource("train", "mem_mb", 32000),
-        runtime=resource("train", "runtime", 240),
+        **RUN_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:
@@ -37,11 +35,9 @@ rule transfer:
         f"{RESULTS}/benchmarks/transfer/{{setup}}/{{target}}/{{method}}/{{cell}}_from_{{source}}.tsv"
     params:
         args=transfer_args,
-    threads: resource("train", "threads", 1)
+    threads: TRANSFER_THREADS
     resources:
-        gpu=resource("train", "gpu", 1),
-        mem_mb=resource("train", "mem_mb", 32000),
-        runtime=resource("train", "runtime", 240),
+        **TRANSFER_RESOURCES,
     conda:
         "../../envs/blocklora.yaml"
     shell:
