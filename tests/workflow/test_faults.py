@@ -44,17 +44,17 @@ def record_of(workdir: Path) -> dict:
 
 def test_a_killed_snakemake_resumes_its_run_from_the_checkpoint_with_the_same_record(tmp_path):
     """kill -9 of snakemake and its job mid-training; then `snakemake --unlock` and the same command."""
-    config = one_run_config(iterations=400)
+    config = one_run_config(iterations=120)  # killed at its first checkpoint (10), 110 iterations early
     reference = tmp_path / "uninterrupted"
     reference.mkdir()
-    assert snakemake(reference, "--cores", "1", "-R", "train", config=config, env=ENV).returncode == 0
+    assert snakemake(reference, "--cores", "2", "-R", "train", config=config, env=ENV).returncode == 0
     expected = record_of(reference)
 
     workdir = tmp_path / "killed"
     workdir.mkdir()
     (workdir / "config.test.yaml").write_text(json.dumps(config))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.test.yaml"), "--cores", "1"]  # fmt: skip
+               "--configfile", str(workdir / "config.test.yaml"), "--cores", "2"]  # fmt: skip
     job = subprocess.Popen(
         command, cwd=workdir, env={**os.environ, **ENV}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
