@@ -165,6 +165,14 @@ class Expected:
         if self.first_use and self.lock is not None:
             self.lock.record(self.first_use, self.filename, sha256)
 
+    def problem_with(self, path: Path) -> str | None:
+        """A copy on disk, hashed whole: on first use its sha256 is recorded and it is accepted;
+        otherwise what differs from the pinned checksums, or None when it matches."""
+        if self.first_use:
+            self.confirm(file_hash(path, "sha256"))
+            return None
+        return checksum_problem(path, **self.sums())
+
 
 def _fallback(url: str, dest: Path, manual: str | None) -> str:
     what = manual or f"download {url} yourself (browser, curl, wget) and place it at {dest}"
@@ -421,10 +429,7 @@ def _download_locked(
 def _check_existing(
     dest: Path, url: str, expected: Expected, *, dataset: str | None, manual: str | None
 ) -> Path:
-    if expected.first_use:
-        expected.confirm(file_hash(dest, "sha256"))
-        return dest
-    problem = checksum_problem(dest, **expected.sums())
+    problem = expected.problem_with(dest)
     if problem:
         raise ChecksumError(
             f"{_who(dataset)}{problem}. The file at the final path does not match: delete it and rerun to "
@@ -577,10 +582,7 @@ def fetch_source(
     )
     if verified:  # hashed as it was downloaded
         return path
-    if expected.first_use:
-        expected.confirm(file_hash(path, "sha256"))
-        return path
-    problem = checksum_problem(path, **expected.sums())
+    problem = expected.problem_with(path)
     if problem:
         raise ChecksumError(
             f"dataset {spec.name!r}: {problem}. The file is corrupt or another version: replace it "
