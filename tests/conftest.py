@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,20 @@ TINY_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
+
+
+@contextlib.contextmanager
+def folder_others_reach(mode: int) -> Iterator[Path]:
+    """A fresh folder under /tmp that another uid can reach, unlike tmp_path, with ``mode`` (0o1777:
+    world-writable and sticky, like /tmp; 0o777: a results folder others may write to); removed after."""
+    folder = Path(tempfile.mkdtemp(prefix="blocklora-test-", dir="/tmp"))
+    folder.chmod(mode)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 TOY_COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 

@@ -193,26 +193,25 @@ def squatted(tmp_path):
     """A lock folder another user (uid 12345) made first, in a shared /tmp-like folder: a symlink
     to one of the victim's files where gpu0's lock goes, and locks held on gpu1 and gpu2."""
     import shutil
-    import tempfile
+
+    from tests.conftest import folder_others_reach
 
     if os.geteuid() != 0 or shutil.which("setpriv") is None or not os.access("/usr/bin/python3", os.X_OK):
         pytest.skip("needs root, setpriv and /usr/bin/python3 to act as another user (uid 12345)")
-    shared = Path(tempfile.mkdtemp(prefix="blocklora-test-", dir="/tmp"))
-    shared.chmod(0o1777)
     victim_file = tmp_path / "thesis.tex"
     victim_file.write_text("three years of work")
-    squatter = subprocess.Popen(
-        ["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", "--clear-groups", "/usr/bin/python3", "-c", SQUAT,
-         str(shared / "locks"), str(victim_file)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert squatter.stdout.readline().strip() == "ready"
-        yield shared / "locks", victim_file
-    finally:
-        squatter.kill()
-        squatter.wait()
-        shutil.rmtree(shared, ignore_errors=True)
+    with folder_others_reach(0o1777) as shared:
+        squatter = subprocess.Popen(
+            ["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", "--clear-groups", "/usr/bin/python3", "-c", SQUAT,
+             str(shared / "locks"), str(victim_file)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert squatter.stdout.readline().strip() == "ready"
+            yield shared / "locks", victim_file
+        finally:
+            squatter.kill()
+            squatter.wait()
 
 
 def _job(lock_dir, gpus="3", timeout=30, **env):

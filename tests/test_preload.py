@@ -8,14 +8,13 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from blocklora import preload
-from tests.conftest import write_toy_dataset
+from tests.conftest import folder_others_reach, write_toy_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,10 +210,8 @@ def as_other(script: str, *args: str, gid: int = OTHER) -> subprocess.Popen:
 @pytest.fixture
 def shared():
     """A folder like /tmp (world-writable, sticky) that another uid can reach, unlike tmp_path."""
-    folder = Path(tempfile.mkdtemp(prefix="blocklora-test-", dir="/tmp"))
-    folder.chmod(0o1777)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    with folder_others_reach(0o1777) as folder:
+        yield folder
 
 
 def light(environ: dict, folder: Path, idle: float = 10) -> dict:

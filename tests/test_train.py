@@ -647,14 +647,10 @@ def _plant(path, data: bytes) -> None:
 @pytest.fixture
 def shared_results():
     """A results folder others may write to (group-writable by design; world-writable here)."""
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from tests.conftest import folder_others_reach
 
-    folder = Path(tempfile.mkdtemp(prefix="blocklora-test-", dir="/tmp"))
-    folder.chmod(0o777)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    with folder_others_reach(0o777) as folder:
+        yield folder
 
 
 @pytest.mark.parametrize("pickled", ["plain pickle", "torch.save"])
